@@ -1,0 +1,221 @@
+"""The one configuration tree both backends read.
+
+Every experiment is a frozen `TrainConfig`. The algorithm is a tagged union
+(`AlgoConfig`): each member carries a literal `kind` tag, so a resolved
+`config.json` says which algorithm it describes and later algorithms (DQN, SAC,
+flow matching) join by adding a member. Validation runs in `__post_init__`, so a
+bad value fails when the command line is parsed, with a message naming the
+flag, not deep inside a jitted function.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Literal, Union
+
+import tyro
+
+Backend = Literal["jax", "torch"]
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the flag and what to do."""
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _require_positive(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if not value > 0:
+            raise ConfigError(f"{_flag(prefix + name)} must be positive, got {value!r}.")
+
+
+def _require_fraction(obj: Any, prefix: str, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{_flag(prefix + name)} must be in [0, 1], got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvConfig:
+    """Which environment to train on and how many copies run side by side."""
+
+    id: str = "CartPole-v1"
+    """Environment id (gymnax id on the JAX backend, gymnasium id on the Torch backend)."""
+    num_envs: int = 4
+    """Environments stepped in parallel (split over data-parallel devices / ranks)."""
+    normalize_obs: bool = False
+    """Normalize observations with running mean/variance (statistics are saved with the params)."""
+    reward_scale: float = 1.0
+    """Multiply rewards by this before learning (episode returns are logged unscaled)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not self.id:
+            raise ConfigError("--env.id must be a non-empty environment id, e.g. CartPole-v1.")
+        _require_positive(self, "env.", "num_envs", "reward_scale")
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    """Proximal Policy Optimization (clipped surrogate, GAE), PureJaxRL/CleanRL defaults."""
+
+    kind: tyro.conf.Suppress[Literal["ppo"]] = "ppo"
+    """Tag of this member of the algorithm union."""
+    lr: float = 2.5e-4
+    """Peak learning rate of Adam."""
+    lr_schedule: Literal["constant", "linear", "warmup_cosine"] = "linear"
+    """constant; linear anneal to 0 over training; or linear warmup then cosine decay."""
+    warmup_updates: int = 0
+    """Updates of linear warmup (warmup_cosine only)."""
+    num_steps: int = 128
+    """Rollout length per environment per update."""
+    update_epochs: int = 4
+    """Passes over each rollout batch."""
+    num_minibatches: int = 4
+    """Minibatches per epoch; num_envs * num_steps must divide evenly."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_eps: float = 0.2
+    """PPO ratio clip range."""
+    clip_value: bool = True
+    """Clip the value update to clip_eps around the old value (PureJaxRL/CleanRL)."""
+    ent_coef: float = 0.01
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    normalize_advantages: bool = True
+    """Standardize advantages per minibatch."""
+    hidden_sizes: tuple[int, ...] = (64, 64)
+    """Hidden layer widths of the actor and of the critic MLP."""
+    activation: Literal["tanh", "relu"] = "tanh"
+    """Hidden activation."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of the Gaussian policy (continuous actions only)."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "algo.", "lr", "num_steps", "update_epochs", "num_minibatches",
+                          "max_grad_norm")
+        _require_fraction(self, "algo.", "gamma", "gae_lambda")
+        if self.clip_eps <= 0:
+            raise ConfigError(f"--algo.clip-eps must be positive, got {self.clip_eps!r}.")
+        if self.warmup_updates < 0:
+            raise ConfigError(f"--algo.warmup-updates must be >= 0, got {self.warmup_updates!r}.")
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise ConfigError(
+                f"--algo.hidden-sizes must be one or more positive widths, got {self.hidden_sizes!r}.")
+
+
+# The tagged union of algorithm configs. DQN/SAC/flow configs join here.
+AlgoConfig = Union[PPOConfig]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run: preset name, experiment, environment, algorithm, checkpointing."""
+
+    name: tyro.conf.Suppress[str]
+    """Preset name; the run directory is checkpoints/<name>/<exp_name>."""
+    exp_name: str = tyro.MISSING
+    """Experiment name (required): the run directory is <checkpoint_base_dir>/<preset>/<exp_name>."""
+    backend: Backend = "jax"
+    """Which framework trains: jax (gymnax envs) or torch (gymnasium envs, Lightning)."""
+    seed: int = 0
+    """Seed of every random stream (params, envs, minibatch shuffling)."""
+    total_timesteps: int = 500_000
+    """Environment steps to train for (rounded down to whole updates)."""
+    log_interval: int = 10
+    """Updates between log lines / TensorBoard points (the JAX loop is jitted in chunks of this)."""
+    save_interval: int = 50
+    """Updates between checkpoints (a multiple of log_interval); the last update is always saved."""
+    keep_period: int | None = None
+    """Checkpoints whose update is a multiple of this are never deleted."""
+    max_to_keep: int = 2
+    """Most recent checkpoints kept (besides keep_period ones)."""
+    async_checkpointing: bool = True
+    """Write checkpoints in the background while training continues."""
+    checkpoint_base_dir: str = "checkpoints"
+    """Root of all run directories."""
+    resume: bool = False
+    """Continue the latest checkpoint of an existing run directory."""
+    overwrite: bool = False
+    """Delete an existing run directory and start fresh."""
+    fsdp_devices: int = 1
+    """Size of the mesh's fsdp axis; 1 = plain data parallelism over all local devices."""
+    wandb_enabled: bool = False
+    """Also log to Weights & Biases (needs the wandb extra); the run id is kept for --resume."""
+    progress_bar: bool = True
+    """Show a progress line on the console."""
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    """Environment."""
+    algo: AlgoConfig = dataclasses.field(default_factory=PPOConfig)
+    """Algorithm and its hyperparameters (the preset chooses which)."""
+
+    def __post_init__(self) -> None:
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite are exclusive: pass one of them, not both.")
+        if self.exp_name is not tyro.MISSING and (not self.exp_name or "/" in self.exp_name):
+            raise ConfigError(f"--exp-name must be a non-empty name without '/', got {self.exp_name!r}.")
+        _require_positive(self, "", "total_timesteps", "log_interval", "save_interval",
+                          "keep_period", "max_to_keep", "fsdp_devices")
+        if self.save_interval % self.log_interval:
+            raise ConfigError(
+                f"--save-interval ({self.save_interval}) must be a multiple of --log-interval "
+                f"({self.log_interval}): training is compiled in chunks of log_interval updates.")
+        if isinstance(self.algo, PPOConfig):
+            batch = self.env.num_envs * self.algo.num_steps
+            if batch % self.algo.num_minibatches:
+                raise ConfigError(
+                    f"--algo.num-minibatches ({self.algo.num_minibatches}) must divide the batch "
+                    f"--env.num-envs x --algo.num-steps = {self.env.num_envs} x "
+                    f"{self.algo.num_steps} = {batch}.")
+            if self.total_timesteps < batch:
+                raise ConfigError(
+                    f"--total-timesteps ({self.total_timesteps}) is smaller than one update "
+                    f"(--env.num-envs x --algo.num-steps = {batch}).")
+
+    @property
+    def run_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.checkpoint_base_dir) / self.name / self.exp_name
+
+    @property
+    def batch_size(self) -> int:
+        """Environment steps collected per update."""
+        return self.env.num_envs * self.algo.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_timesteps // self.batch_size
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as plain JSON-able data (written to assets/config.json)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+_ALGO_BY_KIND = {"ppo": PPOConfig}
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a TrainConfig from `to_dict` output (e.g. a checkpoint's config.json)."""
+    data = dict(data)
+    algo = dict(data.pop("algo"))
+    kind = algo.get("kind", "ppo")
+    if kind not in _ALGO_BY_KIND:
+        raise ConfigError(f"config.json: unknown algo.kind {kind!r}; known: {sorted(_ALGO_BY_KIND)}.")
+    algo_cls = _ALGO_BY_KIND[kind]
+    for key, value in list(algo.items()):
+        if isinstance(value, list):
+            algo[key] = tuple(value)
+    return TrainConfig(env=EnvConfig(**data.pop("env")), algo=algo_cls(**algo), **data)

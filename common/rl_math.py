@@ -1,0 +1,76 @@
+"""RL math written once: the numpy reference for GAE and the PPO loss.
+
+`gae` is the reference each backend's compiled/vectorised GAE is tested
+against. `ppo_loss` is written against the array API that numpy, jax.numpy
+and torch share (`exp`, `clip`, `maximum`, `where`, `sqrt`, `.mean()`), so the
+JAX and Torch backends call this very function with their own array module and
+cannot drift apart.
+
+Terminated and truncated are separate inputs everywhere: a terminated step
+has no future value; a truncated one bootstraps from the value of the true
+final observation (`next_values`), and both cut the GAE trace.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray,
+        terminated: np.ndarray, truncated: np.ndarray, gamma: float,
+        lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """Generalized advantage estimation over a [T, ...] rollout.
+
+    `next_values[t]` is V of the observation that followed step t: the true
+    final observation when the episode ended at t (before any auto-reset),
+    otherwise the next observation of the rollout.
+    Returns (advantages, value targets).
+    """
+    rewards, values, next_values = (np.asarray(a, np.float64) for a in (rewards, values, next_values))
+    terminated = np.asarray(terminated, bool)
+    done = terminated | np.asarray(truncated, bool)
+    advantages = np.zeros_like(rewards)
+    running = np.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        delta = rewards[t] + gamma * next_values[t] * (~terminated[t]) - values[t]
+        running = delta + gamma * lam * (~done[t]) * running
+        advantages[t] = running
+    return advantages, advantages + values
+
+
+class PPOLoss(NamedTuple):
+    total: Any
+    policy: Any
+    value: Any
+    entropy: Any
+    approx_kl: Any
+    clip_fraction: Any
+
+
+def ppo_loss(xp: Any, *, log_prob: Any, old_log_prob: Any, advantages: Any, values: Any,
+             old_values: Any, returns: Any, entropy: Any, clip_eps: float, clip_value: bool,
+             vf_coef: float, ent_coef: float, normalize_advantages: bool) -> PPOLoss:
+    """Clipped-surrogate PPO loss (CleanRL/PureJaxRL form) for one minibatch.
+
+    `xp` is the array module (numpy, jax.numpy or torch). Advantages are
+    standardised with the population std (ddof=0) so all three agree.
+    """
+    if normalize_advantages:
+        centred = advantages - advantages.mean()
+        advantages = centred / (xp.sqrt((centred * centred).mean()) + 1e-8)
+    log_ratio = log_prob - old_log_prob
+    ratio = xp.exp(log_ratio)
+    policy = xp.maximum(-advantages * ratio,
+                        -advantages * xp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)).mean()
+    value_err = (values - returns) ** 2
+    if clip_value:
+        clipped = old_values + xp.clip(values - old_values, -clip_eps, clip_eps)
+        value_err = xp.maximum(value_err, (clipped - returns) ** 2)
+    value = 0.5 * value_err.mean()
+    ent = entropy.mean()
+    total = policy + vf_coef * value - ent_coef * ent
+    approx_kl = ((ratio - 1.0) - log_ratio).mean()
+    clip_fraction = xp.where(xp.abs(ratio - 1.0) > clip_eps, 1.0, 0.0).mean()
+    return PPOLoss(total, policy, value, ent, approx_kl, clip_fraction)

@@ -1,0 +1,122 @@
+"""Orbax checkpoints in the shared run-directory layout.
+
+Each step directory holds three orbax items: `params/` (inference weights),
+`train_state/` (the whole runner state: optimizer, update counter, env states,
+PRNG key) and `assets/` (plain JSON files such as config.json and
+norm_stats.json, written by a small handler so they stay readable without
+orbax). Orbax writes a step under a temporary name and renames it when every
+item is committed, so a crash mid-save never leaves a step that restores wrong;
+async saves run in the background and their errors are re-raised by
+`check_for_errors` before the next save.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from orbax.checkpoint import checkpoint_args
+
+from common import run_dir as run_dir_lib
+
+PARAMS = run_dir_lib.PARAMS_DIR
+TRAIN_STATE = run_dir_lib.TRAIN_STATE_DIR
+ASSETS = run_dir_lib.ASSETS_DIR
+
+
+class AssetsHandler(ocp.AsyncCheckpointHandler):
+    """Saves `{filename: json-able}` as one JSON file each in the item directory.
+
+    orbax's JsonCheckpointHandler writes a single file; the assets contract needs
+    several named files (config.json, norm_stats.json) in one `assets/` folder.
+    """
+
+    async def _write(self, files: Mapping[str, Any], directory: epath.Path) -> None:
+        for name, content in files.items():
+            (directory / name).write_text(json.dumps(content, indent=2))
+
+    async def async_save(self, directory: epath.Path, args: "AssetsSave"):
+        if jax.process_index() != 0:
+            return []
+        return [ocp.future.CommitFutureAwaitingContractedSignals(
+            self._write(dict(args.files), directory), name="assets_save")]
+
+    def save(self, directory: epath.Path, args: "AssetsSave") -> None:
+        asyncio.run(self._write(dict(args.files), directory))
+
+    def restore(self, directory: epath.Path, args: "AssetsRestore | None" = None) -> dict[str, Any]:
+        return {p.name: json.loads(p.read_text()) for p in directory.iterdir()
+                if p.name.endswith(".json")}
+
+
+@checkpoint_args.register_with_handler(AssetsHandler, for_save=True)
+@dataclasses.dataclass
+class AssetsSave(ocp.args.CheckpointArgs):
+    files: Mapping[str, Any]
+
+
+@checkpoint_args.register_with_handler(AssetsHandler, for_restore=True)
+@dataclasses.dataclass
+class AssetsRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+def make_manager(run_dir: pathlib.Path | str, *, max_to_keep: int, keep_period: int | None,
+                 async_save: bool = True) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, keep_period=keep_period, create=True,
+        cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
+    return ocp.CheckpointManager(
+        pathlib.Path(run_dir).absolute(), options=options,
+        item_handlers={PARAMS: ocp.StandardCheckpointHandler(),
+                       TRAIN_STATE: ocp.StandardCheckpointHandler(),
+                       ASSETS: AssetsHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, *, params: Any, train_state: Any,
+         assets: Mapping[str, Any]) -> None:
+    """Start saving `step` (in the background when async); raises an earlier save's error."""
+    manager.check_for_errors()
+    manager.save(step, args=ocp.args.Composite(**{
+        PARAMS: ocp.args.StandardSave(params),
+        TRAIN_STATE: ocp.args.StandardSave(train_state),
+        ASSETS: AssetsSave(dict(assets)),
+    }), force=True)
+
+
+def restore_train_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:
+    """Restore the runner state onto `target`'s structure and shardings.
+
+    `target` is a tree of `jax.ShapeDtypeStruct`s with `.sharding` set for the
+    current mesh, so a checkpoint written on any device count restores here.
+    """
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        TRAIN_STATE: ocp.args.StandardRestore(target)}))
+    return restored[TRAIN_STATE]
+
+
+def restore_assets(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    return manager.restore(step, args=ocp.args.Composite(**{ASSETS: AssetsRestore()}))[ASSETS]
+
+
+def load_params(step_dir: pathlib.Path | str) -> dict[str, Any]:
+    """Inference params of a step directory as host numpy arrays, whatever mesh saved them."""
+    path = pathlib.Path(step_dir).absolute() / PARAMS
+    if not path.is_dir():
+        raise FileNotFoundError(f"No params/ in {step_dir}: expected {path}.")
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                           sharding=jax.sharding.SingleDeviceSharding(
+                                               jax.local_devices(backend="cpu")[0])),
+            metadata)
+        restored = checkpointer.restore(path, target)
+    return jax.tree.map(np.asarray, restored)

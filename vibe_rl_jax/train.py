@@ -1,0 +1,152 @@
+"""The JAX training loop: compiled chunks, with Python between them for logs and checkpoints.
+
+The chunk program is jitted once with explicit in/out shardings on the
+(batch, fsdp) mesh and a donated runner state. The loop dispatches the next
+chunk before it reads the previous chunk's metrics (JAX dispatch is
+asynchronous), so logging overlaps compute; only checkpoint steps wait for
+the device, and orbax then writes in the background.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from common import config as config_lib
+from common import metrics as metrics_lib
+from common import run_dir as run_dir_lib
+from common.config import TrainConfig
+from vibe_rl_jax import checkpoints, envs, sharding
+from vibe_rl_jax.ppo import PPO
+
+logger = logging.getLogger("vibe_rl")
+
+_LOSS_NAMES = ("total", "policy", "value", "entropy")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Any
+    final_step: int
+    params: Any  # host numpy inference params
+    runner: Any  # final runner state (device arrays)
+    history: list[dict[str, float]]
+
+
+def validate(config: TrainConfig) -> None:
+    """Backend-specific checks that the config tree cannot do without importing gymnax."""
+    envs.check_env_id(config.env.id)
+
+
+def _chunk_metrics(algo: PPO, sums: dict[str, np.ndarray], num_updates: int, step: int,
+                   seconds: float) -> dict[str, float]:
+    count = float(sums["episode_count"])
+    out = {
+        metrics_lib.EPISODE_RETURN: float(sums["episode_return_sum"]) / count if count else math.nan,
+        metrics_lib.EPISODE_LENGTH: float(sums["episode_length_sum"]) / count if count else math.nan,
+        metrics_lib.LEARNING_RATE: algo.learning_rate(step),
+        metrics_lib.SPS: num_updates * algo.config.batch_size / max(seconds, 1e-9),
+        "train/approx_kl": float(sums["approx_kl"]) / num_updates,
+        "train/clip_fraction": float(sums["clip_fraction"]) / num_updates,
+    }
+    for name in _LOSS_NAMES:
+        out[metrics_lib.loss_tag(name)] = float(sums[name]) / num_updates
+    return out
+
+
+def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    ignore = {"resume", "overwrite", "progress_bar", "wandb_enabled"}
+    diffs = [k for k in set(saved) | set(current)
+             if k not in ignore and saved.get(k) != current.get(k)]
+    if diffs:
+        logger.warning("Resuming with a config that differs from the checkpoint's in: %s",
+                       ", ".join(sorted(diffs)))
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train `config` on the JAX backend; returns the final params and logged metrics."""
+    validate(config)
+    is_primary = jax.process_index() == 0
+    run_dir = config.run_dir
+    resuming = run_dir_lib.initialize_run_dir(run_dir, resume=config.resume,
+                                              overwrite=config.overwrite) if is_primary else config.resume
+    mesh = sharding.make_mesh(config.fsdp_devices)
+    logger.info("Run directory %s | %d device(s), mesh %s", run_dir.absolute(), mesh.size,
+                dict(mesh.shape))
+    algo = PPO(config, mesh)
+
+    abstract = jax.eval_shape(algo.init, jax.random.PRNGKey(0))
+    runner_sharding = algo.shardings(abstract)
+    replicated = sharding.replicated(mesh)
+    init_fn = jax.jit(algo.init, out_shardings=runner_sharding)
+    chunk_fn = jax.jit(algo.train_chunk, in_shardings=(runner_sharding, replicated),
+                       out_shardings=(runner_sharding, replicated), donate_argnums=0)
+
+    manager = checkpoints.make_manager(run_dir, max_to_keep=config.max_to_keep,
+                                       keep_period=config.keep_period,
+                                       async_save=config.async_checkpointing)
+    config_dict = config_lib.to_dict(config)
+    if resuming:
+        step = manager.latest_step()
+        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                              abstract, runner_sharding)
+        runner = checkpoints.restore_train_state(manager, step, target)
+        saved = checkpoints.restore_assets(manager, step).get(run_dir_lib.CONFIG_FILE, {})
+        _warn_config_drift(saved, config_dict)
+        logger.info("Resumed from %s at update %d", run_dir / str(step), step)
+    else:
+        runner = init_fn(jax.random.PRNGKey(config.seed))
+    step = int(runner.train.update_step)
+
+    writer = metrics_lib.MetricWriter(run_dir, config=config_dict, resuming=resuming,
+                                      wandb_enabled=config.wandb_enabled,
+                                      progress=config.progress_bar, active=is_primary)
+    total = config.num_updates
+    history: list[dict[str, float]] = []
+    pending = None  # (step, sums, num_updates) of a dispatched chunk not yet logged
+    last_time = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal pending, last_time
+        if pending is None:
+            return
+        at, sums, n = pending
+        sums = jax.device_get(sums)
+        now = time.perf_counter()
+        scalars = _chunk_metrics(algo, sums, n, at, now - last_time)
+        last_time = now
+        writer.write(at, scalars)
+        history.append({"step": at, **scalars})
+        writer.progress(at, total, scalars[metrics_lib.SPS], scalars[metrics_lib.EPISODE_RETURN])
+        pending = None
+
+    try:
+        while step < total:
+            n = min((step // config.log_interval + 1) * config.log_interval, total) - step
+            runner, sums = chunk_fn(runner, jnp.asarray(n, jnp.int32))
+            step += n
+            flush()  # the previous chunk's metrics, read while this one runs
+            pending = (step, sums, n)
+            if step % config.save_interval == 0 or step == total:
+                flush()
+                checkpoints.save(manager, step, params=algo.inference_params(runner),
+                                 train_state=runner,
+                                 assets={run_dir_lib.CONFIG_FILE: config_dict})
+        flush()
+        manager.wait_until_finished()
+        manager.check_for_errors()
+    finally:
+        manager.close()
+        writer.close()
+
+    params = jax.device_get(algo.inference_params(runner))
+    logger.info("Done: %d updates. Checkpoints in %s ; TensorBoard: tensorboard --logdir %s",
+                step, run_dir.absolute(), config.checkpoint_base_dir)
+    return TrainResult(run_dir, step, params, runner, history)
