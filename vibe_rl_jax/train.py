@@ -70,8 +70,12 @@ def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any]) -> None:
                        ", ".join(sorted(diffs)))
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Train `config` on the JAX backend; returns the final params and logged metrics."""
+def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
+    """Train `config` on the JAX backend; returns the final params and logged metrics.
+
+    `stop_at` ends the run early after that many updates (saving a checkpoint there),
+    as an interruption would, without changing the config or its schedules.
+    """
     validate(config)
     is_primary = jax.process_index() == 0
     run_dir = config.run_dir
@@ -95,8 +99,11 @@ def train(config: TrainConfig) -> TrainResult:
     config_dict = config_lib.to_dict(config)
     if resuming:
         step = manager.latest_step()
-        target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              abstract, runner_sharding)
+        # runner_sharding is a prefix tree (one sharding for a whole env-state subtree).
+        target = jax.tree.map(
+            lambda sh, sub: jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), sub),
+            runner_sharding, abstract)
         runner = checkpoints.restore_train_state(manager, step, target)
         saved = checkpoints.restore_assets(manager, step).get(run_dir_lib.CONFIG_FILE, {})
         _warn_config_drift(saved, config_dict)
@@ -109,6 +116,7 @@ def train(config: TrainConfig) -> TrainResult:
                                       wandb_enabled=config.wandb_enabled,
                                       progress=config.progress_bar, active=is_primary)
     total = config.num_updates
+    end = total if stop_at is None else min(stop_at, total)
     history: list[dict[str, float]] = []
     pending = None  # (step, sums, num_updates) of a dispatched chunk not yet logged
     last_time = time.perf_counter()
@@ -128,13 +136,13 @@ def train(config: TrainConfig) -> TrainResult:
         pending = None
 
     try:
-        while step < total:
-            n = min((step // config.log_interval + 1) * config.log_interval, total) - step
+        while step < end:
+            n = min((step // config.log_interval + 1) * config.log_interval, end) - step
             runner, sums = chunk_fn(runner, jnp.asarray(n, jnp.int32))
             step += n
             flush()  # the previous chunk's metrics, read while this one runs
             pending = (step, sums, n)
-            if step % config.save_interval == 0 or step == total:
+            if step % config.save_interval == 0 or step == end:
                 flush()
                 checkpoints.save(manager, step, params=algo.inference_params(runner),
                                  train_state=runner,

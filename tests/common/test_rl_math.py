@@ -1,0 +1,73 @@
+"""GAE and the PPO loss against numbers worked out by hand."""
+
+import numpy as np
+import pytest
+
+from common import rl_math
+
+
+def test_gae_hand_computed_terminated_vs_truncated():
+    # One env, three steps, gamma=0.5, lambda=0.5.
+    #   t0: r=1, V=1, next V=2, neither flag
+    #   t1: r=1, V=2, episode TRUNCATED; V(true final obs)=4 -> bootstraps, trace cut
+    #   t2: r=1, V=3, TERMINATED; next V=10 must be ignored
+    rewards = np.array([1.0, 1.0, 1.0])
+    values = np.array([1.0, 2.0, 3.0])
+    next_values = np.array([2.0, 4.0, 10.0])
+    terminated = np.array([False, False, True])
+    truncated = np.array([False, True, False])
+    adv, ret = rl_math.gae(rewards, values, next_values, terminated, truncated, 0.5, 0.5)
+    # t2: delta = 1 + 0 - 3 = -2                -> A2 = -2
+    # t1: delta = 1 + 0.5*4 - 2 = 1, trace cut  -> A1 = 1
+    # t0: delta = 1 + 0.5*2 - 1 = 1             -> A0 = 1 + 0.25*1 = 1.25
+    np.testing.assert_allclose(adv, [1.25, 1.0, -2.0])
+    np.testing.assert_allclose(ret, [2.25, 3.0, 1.0])
+
+
+def test_gae_batch_dims_are_independent():
+    rng = np.random.default_rng(0)
+    shape = (7, 3)
+    args = [rng.normal(size=shape) for _ in range(3)]
+    term = rng.random(shape) < 0.2
+    trunc = rng.random(shape) < 0.2
+    adv, _ = rl_math.gae(*args, term, trunc, 0.9, 0.8)
+    for e in range(3):
+        single, _ = rl_math.gae(*(a[:, e] for a in args), term[:, e], trunc[:, e], 0.9, 0.8)
+        np.testing.assert_allclose(adv[:, e], single)
+
+
+def test_ppo_loss_hand_computed():
+    # Two samples, clip 0.2, no advantage normalisation.
+    log_prob = np.log(np.array([1.5, 0.5]))  # ratios 1.5 and 0.5 against old log-prob 0
+    old = np.zeros(2)
+    adv = np.array([1.0, -1.0])
+    values = np.array([1.0, 0.0])
+    old_values = np.array([0.0, 0.0])
+    returns = np.array([2.0, 1.0])
+    entropy = np.array([0.3, 0.5])
+    loss = rl_math.ppo_loss(np, log_prob=log_prob, old_log_prob=old, advantages=adv,
+                            values=values, old_values=old_values, returns=returns,
+                            entropy=entropy, clip_eps=0.2, clip_value=True, vf_coef=0.5,
+                            ent_coef=0.1, normalize_advantages=False)
+    # policy: max(-1*1.5, -1*1.2) = -1.2 ; max(1*0.5, 1*0.8) = 0.8 -> mean -0.2
+    assert loss.policy == pytest.approx(-0.2)
+    # value: sample 0: unclipped (1-2)^2=1, clipped v=0.2 -> (0.2-2)^2=3.24 -> 3.24
+    #        sample 1: (0-1)^2 = 1 both -> 1 ; 0.5*mean = 0.5*2.12 = 1.06
+    assert loss.value == pytest.approx(1.06)
+    assert loss.entropy == pytest.approx(0.4)
+    assert loss.total == pytest.approx(-0.2 + 0.5 * 1.06 - 0.1 * 0.4)
+    assert loss.clip_fraction == pytest.approx(1.0)
+    # approx_kl = mean((r-1) - log r)
+    expected_kl = np.mean([(0.5 - np.log(1.5)), (-0.5 - np.log(0.5))])
+    assert loss.approx_kl == pytest.approx(expected_kl)
+
+
+def test_ppo_loss_unclipped_value_and_advantage_normalisation():
+    adv = np.array([1.0, 3.0])  # normalised to [-1, 1] (population std)
+    loss = rl_math.ppo_loss(np, log_prob=np.zeros(2), old_log_prob=np.zeros(2), advantages=adv,
+                            values=np.array([1.0, 0.0]), old_values=np.zeros(2),
+                            returns=np.array([2.0, 1.0]), entropy=np.zeros(2), clip_eps=0.2,
+                            clip_value=False, vf_coef=1.0, ent_coef=0.0,
+                            normalize_advantages=True)
+    assert loss.policy == pytest.approx(0.0, abs=1e-6)  # -mean([-1, 1]) * ratio 1
+    assert loss.value == pytest.approx(0.5 * 1.0)
