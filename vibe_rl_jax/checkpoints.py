@@ -8,11 +8,22 @@ orbax). Orbax writes a step under a temporary name and renames it when every
 item is committed, so a crash mid-save never leaves a step that restores wrong;
 async saves run in the background and their errors are re-raised by
 `check_for_errors` before the next save.
+
+`CheckpointWriter` is what the training loop uses. orbax's own async mode still
+blocks the caller for ~100 ms per save here (directory set-up, waiting for the
+previous save), which at CartPole speed stalled training by ~25%. On a single
+host the writer instead copies the state to host memory (under a millisecond
+for these sizes, and required anyway because the next chunk donates the
+device buffers) and runs orbax's synchronous save on one background thread.
+A failed background save is re-raised at the next save or at `wait()`, so
+training stops loudly instead of running on without checkpoints. With several
+hosts it falls back to orbax's async save, which coordinates the processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import pathlib
@@ -89,6 +100,51 @@ def save(manager: ocp.CheckpointManager, step: int, *, params: Any, train_state:
         TRAIN_STATE: ocp.args.StandardSave(train_state),
         ASSETS: AssetsSave(dict(assets)),
     }), force=True)
+
+
+class CheckpointWriter:
+    """Saves steps in order without stalling the training loop (see module docstring)."""
+
+    def __init__(self, run_dir: pathlib.Path | str, *, max_to_keep: int, keep_period: int | None,
+                 async_save: bool = True):
+        self._threaded = async_save and jax.process_count() == 1
+        self.manager = make_manager(run_dir, max_to_keep=max_to_keep, keep_period=keep_period,
+                                    async_save=async_save and not self._threaded)
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt") \
+            if self._threaded else None
+        self._pending: concurrent.futures.Future | None = None
+        self._pending_step: int | None = None
+
+    def _raise_if_failed(self, block: bool) -> None:
+        if self._pending is None or not (block or self._pending.done()):
+            return
+        future, step = self._pending, self._pending_step
+        self._pending = None
+        error = future.exception()
+        if error is not None:
+            raise RuntimeError(f"Background save of checkpoint step {step} failed: {error}") from error
+
+    def save(self, step: int, *, params: Any, train_state: Any, assets: Mapping[str, Any]) -> None:
+        if not self._threaded:
+            save(self.manager, step, params=params, train_state=train_state, assets=assets)
+            return
+        self._raise_if_failed(block=False)
+        params, train_state = jax.device_get((params, train_state))
+        self._raise_if_failed(block=True)  # one save in flight at most: bounded host memory
+        self._pending_step = step
+        self._pending = self._pool.submit(save, self.manager, step, params=params,
+                                          train_state=train_state, assets=assets)
+
+    def wait(self) -> None:
+        """Block until every save is on disk; raise if one failed."""
+        self._raise_if_failed(block=True)
+        self.manager.wait_until_finished()
+        self.manager.check_for_errors()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.manager.close()
 
 
 def restore_train_state(manager: ocp.CheckpointManager, step: int, target: Any) -> Any:

@@ -1,0 +1,98 @@
+"""Benchmark: cartpole_ppo on the JAX backend vs Stable-Baselines3 PPO, same script.
+
+PureJaxRL's CartPole settings (4 envs x 128 steps, 4 epochs x 4 minibatches,
+5e5 env steps). Three vibe-rl runs in this process:
+  * "full":  the preset as users run it, logging every 10 updates and async
+             checkpoints every 100 (what the issue's target is about);
+  * "bare":  one chunk, no intermediate logs or checkpoints (the compute floor),
+             so full/bare shows what logging and checkpointing cost;
+then SB3 PPO with matched hyperparameters for --sb3-steps env steps.
+Figures are ratios measured in the same run (the machine is shared and noisy).
+
+    python bench/jax_ppo_cartpole.py [--sb3-steps 50000] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from common import presets
+from common.metrics import init_logging
+
+
+def run_vibe(base_dir: str, name: str, seed: int, **changes):
+    from vibe_rl_jax import train as jax_train
+
+    cfg = presets.replace(presets.get_preset("cartpole_ppo"), exp_name=name, seed=seed,
+                          checkpoint_base_dir=base_dir, progress_bar=False, overwrite=True, **changes)
+    start = time.perf_counter()
+    result = jax_train.train(cfg)
+    wall = time.perf_counter() - start
+    steps = result.final_step * cfg.batch_size
+    returns = [h["train/episode_return"] for h in result.history]
+    reached = next((h["time"] for h in result.history if h["train/episode_return"] >= 475), None)
+    return {
+        "compile_s": result.compile_seconds,
+        "train_s": result.train_seconds,
+        "wall_s": wall,
+        "sps": steps / result.train_seconds,
+        "final_return": float(np.mean(returns[-3:])),
+        "time_to_475_s": reached,
+    }
+
+
+def run_sb3(total_steps: int, seed: int):
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    env = make_vec_env("CartPole-v1", n_envs=4, seed=seed)
+    model = PPO("MlpPolicy", env, n_steps=128, batch_size=128, n_epochs=4, learning_rate=lambda f: 2.5e-4 * f,
+                gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.01, vf_coef=0.5,
+                max_grad_norm=0.5, policy_kwargs={"net_arch": [64, 64]}, seed=seed, device="cpu",
+                verbose=0)
+    start = time.perf_counter()
+    model.learn(total_timesteps=total_steps)
+    seconds = time.perf_counter() - start
+    mean_return, _ = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=10)
+    return {"train_s": seconds, "sps": total_steps / seconds, "final_return": float(mean_return)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sb3-steps", type=int, default=50_000,
+                        help="SB3 env steps (5e5 takes ~5 min here; its speed is what we compare)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    init_logging()
+    import logging
+    logging.getLogger("vibe_rl").setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as base:
+        full = run_vibe(base, "full", args.seed)
+        bare = run_vibe(base, "bare", args.seed, log_interval=976, save_interval=976)
+    sb3 = run_sb3(args.sb3_steps, args.seed)
+
+    def row(name, r):
+        extra = f" compile {r['compile_s']:.1f} s |" if "compile_s" in r else ""
+        reach = (f" return>=475 after {r['time_to_475_s']:.1f} s (+compile) |"
+                 if r.get("time_to_475_s") is not None else "")
+        print(f"{name:<28}|{extra} train {r['train_s']:.1f} s | {r['sps']:>9,.0f} env steps/s |"
+              f"{reach} final return {r['final_return']:.1f}")
+
+    print(f"\ncartpole_ppo, 5e5 env steps, {os.cpu_count()} CPU cores")
+    row("vibe-rl JAX (logs+ckpts)", full)
+    row("vibe-rl JAX (bare, 1 chunk)", bare)
+    row(f"SB3 PPO ({args.sb3_steps} steps)", sb3)
+    print(f"logging+checkpointing overhead: full/bare speed = {full['sps'] / bare['sps']:.2f}")
+    print(f"vibe-rl JAX / SB3 env steps/s = {full['sps'] / sb3['sps']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
