@@ -117,8 +117,125 @@ class PPOConfig:
                 f"--algo.hidden-sizes must be one or more positive widths, got {self.hidden_sizes!r}.")
 
 
-# The tagged union of algorithm configs. DQN/SAC/flow configs join here.
-AlgoConfig = Union[PPOConfig]
+@dataclasses.dataclass(frozen=True)
+class DQNConfig:
+    """Deep Q-learning (discrete actions): double-DQN target, hard or Polyak target updates."""
+
+    kind: tyro.conf.Suppress[Literal["dqn"]] = "dqn"
+    """Tag of this member of the algorithm union."""
+    lr: float = 2.5e-4
+    """Learning rate of Adam."""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """constant, or linear anneal to 0 over training."""
+    buffer_size: int = 10_000
+    """Replay buffer capacity (transitions)."""
+    batch_size: int = 128
+    """Transitions per gradient step."""
+    learning_starts: int = 10_000
+    """Environment steps collected before the first gradient step."""
+    train_frequency: int = 1
+    """Vector-env steps (each steps every env) per update; an update then takes gradient_steps."""
+    gradient_steps: int = 1
+    """Gradient steps per update."""
+    gamma: float = 0.99
+    """Discount factor."""
+    target_update_interval: int = 50
+    """Gradient steps between target-network updates."""
+    tau: float = 1.0
+    """Target update rate: 1 copies the online network (hard), < 1 is Polyak averaging."""
+    eps_start: float = 1.0
+    """Initial epsilon of epsilon-greedy exploration."""
+    eps_end: float = 0.05
+    """Final epsilon."""
+    exploration_fraction: float = 0.5
+    """Fraction of total_timesteps over which epsilon decays linearly."""
+    double_dqn: bool = True
+    """Select the next action with the online network, evaluate it with the target network."""
+    loss: Literal["huber", "mse"] = "mse"
+    """TD loss: Huber (delta 1) or squared error."""
+    max_grad_norm: float = 10.0
+    """Global gradient-norm clip."""
+    hidden_sizes: tuple[int, ...] = (120, 84)
+    """Hidden layer widths of the Q network."""
+    activation: Literal["tanh", "relu"] = "relu"
+    """Hidden activation."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "algo.", "lr", "buffer_size", "batch_size", "train_frequency",
+                          "gradient_steps", "target_update_interval", "max_grad_norm")
+        _require_fraction(self, "algo.", "gamma", "tau", "eps_start", "eps_end",
+                          "exploration_fraction")
+        if self.tau == 0:
+            raise ConfigError("--algo.tau must be in (0, 1]: 0 would never update the target.")
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(f"--algo.batch-size ({self.batch_size}) must not exceed "
+                              f"--algo.buffer-size ({self.buffer_size}).")
+        if self.learning_starts < 0:
+            raise ConfigError("--algo.learning-starts must be >= 0.")
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise ConfigError(
+                f"--algo.hidden-sizes must be one or more positive widths, got {self.hidden_sizes!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SACConfig:
+    """Soft actor-critic (continuous actions): tanh-Gaussian actor, twin critics, auto temperature."""
+
+    kind: tyro.conf.Suppress[Literal["sac"]] = "sac"
+    """Tag of this member of the algorithm union."""
+    actor_lr: float = 3e-4
+    """Learning rate of the actor."""
+    critic_lr: float = 3e-4
+    """Learning rate of the twin critics."""
+    alpha_lr: float = 3e-4
+    """Learning rate of the temperature."""
+    buffer_size: int = 1_000_000
+    """Replay buffer capacity (transitions)."""
+    batch_size: int = 256
+    """Transitions per gradient step."""
+    learning_starts: int = 1_000
+    """Environment steps with uniform random actions before learning starts."""
+    train_frequency: int = 1
+    """Vector-env steps (each steps every env) per update; an update then takes gradient_steps."""
+    gradient_steps: int = 1
+    """Gradient steps per update."""
+    gamma: float = 0.99
+    """Discount factor."""
+    tau: float = 0.005
+    """Polyak rate of the target critics."""
+    init_alpha: float = 1.0
+    """Initial temperature."""
+    autotune_alpha: bool = True
+    """Tune the temperature toward target_entropy (else keep init_alpha)."""
+    target_entropy: float | None = None
+    """Entropy target of the temperature loss; None means -action_dim."""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Hidden layer widths of the actor and of each critic."""
+    activation: Literal["tanh", "relu"] = "relu"
+    """Hidden activation."""
+    log_std_min: float = -5.0
+    """Lower bound of the actor's log standard deviation."""
+    log_std_max: float = 2.0
+    """Upper bound of the actor's log standard deviation."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "algo.", "actor_lr", "critic_lr", "alpha_lr", "buffer_size",
+                          "batch_size", "train_frequency", "gradient_steps", "init_alpha")
+        _require_fraction(self, "algo.", "gamma", "tau")
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(f"--algo.batch-size ({self.batch_size}) must not exceed "
+                              f"--algo.buffer-size ({self.buffer_size}).")
+        if self.learning_starts < 0:
+            raise ConfigError("--algo.learning-starts must be >= 0.")
+        if self.log_std_min >= self.log_std_max:
+            raise ConfigError("--algo.log-std-min must be below --algo.log-std-max.")
+        if not self.hidden_sizes or any(h <= 0 for h in self.hidden_sizes):
+            raise ConfigError(
+                f"--algo.hidden-sizes must be one or more positive widths, got {self.hidden_sizes!r}.")
+
+
+# The tagged union of algorithm configs (the preset picks the member; `kind` is the tag).
+AlgoConfig = Union[PPOConfig, DQNConfig, SACConfig]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,19 +301,30 @@ class TrainConfig:
                 raise ConfigError(
                     f"--total-timesteps ({self.total_timesteps}) is smaller than one update "
                     f"(--env.num-envs x --algo.num-steps = {batch}).")
+        elif self.total_timesteps < self.steps_per_update:
+            raise ConfigError(
+                f"--total-timesteps ({self.total_timesteps}) is smaller than one update "
+                f"(--env.num-envs x --algo.train-frequency = {self.steps_per_update}).")
 
     @property
     def run_dir(self) -> pathlib.Path:
         return pathlib.Path(self.checkpoint_base_dir) / self.name / self.exp_name
 
     @property
+    def steps_per_update(self) -> int:
+        """Environment steps collected per update (all envs together)."""
+        if isinstance(self.algo, PPOConfig):
+            return self.env.num_envs * self.algo.num_steps
+        return self.env.num_envs * self.algo.train_frequency
+
+    @property
     def batch_size(self) -> int:
-        """Environment steps collected per update."""
-        return self.env.num_envs * self.algo.num_steps
+        """Environment steps collected per update (PPO's rollout batch); see steps_per_update."""
+        return self.steps_per_update
 
     @property
     def num_updates(self) -> int:
-        return self.total_timesteps // self.batch_size
+        return self.total_timesteps // self.steps_per_update
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -204,7 +332,7 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-_ALGO_BY_KIND = {"ppo": PPOConfig}
+_ALGO_BY_KIND = {"ppo": PPOConfig, "dqn": DQNConfig, "sac": SACConfig}
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:

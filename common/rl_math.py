@@ -74,3 +74,45 @@ def ppo_loss(xp: Any, *, log_prob: Any, old_log_prob: Any, advantages: Any, valu
     approx_kl = ((ratio - 1.0) - log_ratio).mean()
     clip_fraction = xp.where(xp.abs(ratio - 1.0) > clip_eps, 1.0, 0.0).mean()
     return PPOLoss(total, policy, value, ent, approx_kl, clip_fraction)
+
+
+# ----------------------------------------------------------------- off-policy
+# Written against the shared array API (`xp` = numpy, jax.numpy or torch) so the
+# JAX and Torch DQN/SAC call the same formulas. Inputs that must not carry
+# gradients (targets, log-probs in the temperature loss) are passed in already
+# stopped: gradient stopping is framework-specific, the formulas are not.
+
+
+def td_target(reward: Any, terminated: Any, next_value: Any, gamma: float) -> Any:
+    """r + gamma * V(s') for transitions that did not terminate.
+
+    `next_value` is the value of the true next observation, also when the
+    episode was truncated there (truncation is not termination: bootstrap).
+    """
+    return reward + gamma * (1.0 - terminated) * next_value
+
+
+def huber(xp: Any, error: Any, delta: float = 1.0) -> Any:
+    abs_error = xp.abs(error)
+    quadratic = xp.minimum(abs_error, delta)
+    return 0.5 * quadratic * quadratic + delta * (abs_error - quadratic)
+
+
+def sac_critic_target(xp: Any, *, reward: Any, terminated: Any, next_q1: Any, next_q2: Any,
+                      next_log_prob: Any, alpha: Any, gamma: float) -> Any:
+    """Soft TD target: r + gamma (1 - terminated) (min(Q1', Q2')(s', a') - alpha log pi(a'|s'))."""
+    return td_target(reward, terminated, xp.minimum(next_q1, next_q2) - alpha * next_log_prob, gamma)
+
+
+def sac_actor_loss(xp: Any, *, q1: Any, q2: Any, log_prob: Any, alpha: Any) -> Any:
+    """E[alpha log pi(a|s) - min(Q1, Q2)(s, a)] with a ~ pi (reparameterised)."""
+    return (alpha * log_prob - xp.minimum(q1, q2)).mean()
+
+
+def sac_temperature_loss(*, log_alpha: Any, log_prob: Any, target_entropy: float) -> Any:
+    """-log_alpha * (log pi + target_entropy), log-probs without gradient.
+
+    When the policy's entropy (-log pi) is below the target, (log pi + target) > 0
+    and the gradient step raises log_alpha: more weight on entropy.
+    """
+    return -(log_alpha * (log_prob + target_entropy)).mean()

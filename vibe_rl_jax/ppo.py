@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from common import metrics as metrics_lib
 from common import rl_math
 from common.config import PPOConfig, TrainConfig
-from vibe_rl_jax import envs, schedules, sharding
+from vibe_rl_jax import chunks, envs, schedules, sharding
 from vibe_rl_jax.networks import ActorCritic
 
 
@@ -84,11 +85,11 @@ class PPO:
         self.action_spec = spec
         self.network = ActorCritic(spec.dim, spec.continuous, tuple(self.algo.hidden_sizes),
                                    self.algo.activation, self.algo.init_log_std)
-        steps_per_update = self.algo.update_epochs * self.algo.num_minibatches
+        opt_steps_per_update = self.algo.update_epochs * self.algo.num_minibatches
         self.schedule = schedules.make(self.algo.lr_schedule, self.algo.lr,
-                                       total_steps=config.num_updates * steps_per_update,
-                                       warmup_steps=self.algo.warmup_updates * steps_per_update)
-        self.steps_per_update = steps_per_update
+                                       total_steps=config.num_updates * opt_steps_per_update,
+                                       warmup_steps=self.algo.warmup_updates * opt_steps_per_update)
+        self.opt_steps_per_update = opt_steps_per_update
         self.tx = optax.chain(optax.clip_by_global_norm(self.algo.max_grad_norm),
                               optax.adam(self.schedule, eps=1e-5))
         self._data = sharding.data_sharding(mesh)
@@ -119,7 +120,16 @@ class PPO:
         return out
 
     def learning_rate(self, update_step: int) -> float:
-        return float(self.schedule(update_step * self.steps_per_update))
+        return float(self.schedule(update_step * self.opt_steps_per_update))
+
+    def chunk_metrics(self, sums: dict[str, Any], num_updates: int, step: int) -> dict[str, float]:
+        """Algorithm-specific scalars of a chunk (episode statistics and speed come from the loop)."""
+        out = {metrics_lib.LEARNING_RATE: self.learning_rate(step),
+               "train/approx_kl": float(sums["approx_kl"]) / num_updates,
+               "train/clip_fraction": float(sums["clip_fraction"]) / num_updates}
+        for name in ("total", "policy", "value", "entropy"):
+            out[metrics_lib.loss_tag(name)] = float(sums[name]) / num_updates
+        return out
 
     # ---------------------------------------------------------------- update
     def _rollout(self, runner: RunnerState):
@@ -199,17 +209,5 @@ class PPO:
         return runner, metrics
 
     def train_chunk(self, runner: RunnerState, num_updates: jax.Array):
-        """Run `num_updates` updates (a traced scalar: one compile for every chunk length).
-
-        Returns the new runner and metric sums over the chunk (losses summed per update,
-        episode statistics summed per finished episode).
-        """
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                             jax.eval_shape(self.update, runner)[1])
-
-        def body(_, carry):
-            runner, sums = carry
-            runner, metrics = self.update(runner)
-            return runner, jax.tree.map(jnp.add, sums, metrics)
-
-        return jax.lax.fori_loop(0, num_updates, body, (runner, zeros))
+        """Run `num_updates` updates (traced: one compile for every chunk length); metric sums."""
+        return chunks.run_updates(self.update, runner, num_updates)

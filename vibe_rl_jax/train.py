@@ -23,12 +23,9 @@ from common import config as config_lib
 from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common.config import TrainConfig
-from vibe_rl_jax import checkpoints, envs, sharding
-from vibe_rl_jax.ppo import PPO
+from vibe_rl_jax import algorithms, checkpoints, envs, sharding
 
 logger = logging.getLogger("vibe_rl")
-
-_LOSS_NAMES = ("total", "policy", "value", "entropy")
 
 
 @dataclasses.dataclass
@@ -47,19 +44,15 @@ def validate(config: TrainConfig) -> None:
     envs.check_env_id(config.env.id)
 
 
-def _chunk_metrics(algo: PPO, sums: dict[str, np.ndarray], num_updates: int, step: int,
+def _chunk_metrics(algo, sums: dict[str, np.ndarray], num_updates: int, step: int,
                    seconds: float) -> dict[str, float]:
     count = float(sums["episode_count"])
     out = {
         metrics_lib.EPISODE_RETURN: float(sums["episode_return_sum"]) / count if count else math.nan,
         metrics_lib.EPISODE_LENGTH: float(sums["episode_length_sum"]) / count if count else math.nan,
-        metrics_lib.LEARNING_RATE: algo.learning_rate(step),
-        metrics_lib.SPS: num_updates * algo.config.batch_size / max(seconds, 1e-9),
-        "train/approx_kl": float(sums["approx_kl"]) / num_updates,
-        "train/clip_fraction": float(sums["clip_fraction"]) / num_updates,
+        metrics_lib.SPS: num_updates * algo.config.steps_per_update / max(seconds, 1e-9),
     }
-    for name in _LOSS_NAMES:
-        out[metrics_lib.loss_tag(name)] = float(sums[name]) / num_updates
+    out.update(algo.chunk_metrics(sums, num_updates, step))
     return out
 
 
@@ -86,7 +79,7 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     mesh = sharding.make_mesh(config.fsdp_devices)
     logger.info("Run directory %s | %d device(s), mesh %s", run_dir.absolute(), mesh.size,
                 dict(mesh.shape))
-    algo = PPO(config, mesh)
+    algo = algorithms.make(config, mesh)
 
     abstract = jax.eval_shape(algo.init, jax.random.PRNGKey(0))
     runner_sharding = algo.shardings(abstract)

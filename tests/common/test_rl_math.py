@@ -71,3 +71,46 @@ def test_ppo_loss_unclipped_value_and_advantage_normalisation():
                             normalize_advantages=True)
     assert loss.policy == pytest.approx(0.0, abs=1e-6)  # -mean([-1, 1]) * ratio 1
     assert loss.value == pytest.approx(0.5 * 1.0)
+
+
+def test_td_target_terminated_vs_truncated():
+    # gamma 0.9: terminated drops the bootstrap; truncated keeps V(true final obs).
+    reward = np.array([1.0, 1.0, 1.0])
+    terminated = np.array([0.0, 1.0, 0.0])  # third is truncated: not terminated
+    next_value = np.array([10.0, 10.0, 5.0])
+    np.testing.assert_allclose(rl_math.td_target(reward, terminated, next_value, 0.9),
+                               [10.0, 1.0, 5.5])
+
+
+def test_huber():
+    np.testing.assert_allclose(rl_math.huber(np, np.array([0.5, -2.0, 3.0])),
+                               [0.125, 1.5, 2.5])
+
+
+def test_sac_critic_target_with_entropy_term():
+    # min(2, 3) - 0.5 * (-1) = 2.5 ; 1 + 0.9 * 2.5 = 3.25 ; terminated -> 1
+    out = rl_math.sac_critic_target(np, reward=np.array([1.0, 1.0]), terminated=np.array([0.0, 1.0]),
+                                    next_q1=np.array([2.0, 2.0]), next_q2=np.array([3.0, 3.0]),
+                                    next_log_prob=np.array([-1.0, -1.0]), alpha=0.5, gamma=0.9)
+    np.testing.assert_allclose(out, [3.25, 1.0])
+
+
+def test_sac_actor_loss():
+    out = rl_math.sac_actor_loss(np, q1=np.array([1.0, 4.0]), q2=np.array([2.0, 3.0]),
+                                 log_prob=np.array([-1.0, 0.5]), alpha=0.2)
+    # (0.2*-1 - 1) = -1.2 ; (0.2*0.5 - 3) = -2.9 ; mean -2.05
+    assert out == pytest.approx(-2.05)
+
+
+def test_temperature_loss_sign():
+    # Entropy 0.5 (log pi = -0.5) below target 1.0: loss = -log_alpha * 0.5, so its
+    # gradient wrt log_alpha is -0.5 and gradient descent raises alpha.
+    log_alpha = 0.3
+    loss = rl_math.sac_temperature_loss(log_alpha=log_alpha, log_prob=np.array([-0.5]),
+                                        target_entropy=-1.0)
+    assert loss == pytest.approx(-0.3 * (-1.5))
+    grad = -(np.array([-0.5]) + -1.0).mean()  # d loss / d log_alpha
+    assert grad > 0  # log pi + target = -1.5 < 0: entropy above target -> lower alpha
+    loss_low_entropy = rl_math.sac_temperature_loss(log_alpha=log_alpha, log_prob=np.array([2.0]),
+                                                    target_entropy=-1.0)
+    assert loss_low_entropy == pytest.approx(-0.3 * 1.0)  # gradient -1: descent raises alpha

@@ -43,7 +43,8 @@ def test_every_preset_runs(name, ckpt_base):
     saved = json.loads((run / "3" / "assets" / "config.json").read_text())
     assert saved["name"] == name and saved["exp_name"] == "t"
     params = checkpoints.load_params(run / "3")
-    assert "actor" in params["model"] and "critic" in params["model"]
+    expected = {"ppo": {"actor", "critic"}, "dqn": {"q"}, "sac": {"actor"}}
+    assert set(params["model"]) - {"log_std"} == expected[presets.PRESETS[name][1].algo.kind]
     assert ("obs_normalizer" in params) == presets.PRESETS[name][1].env.normalize_obs
     for a, b in zip(leaves(result.params), leaves(params)):
         np.testing.assert_array_equal(a, b)

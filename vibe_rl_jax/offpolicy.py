@@ -1,0 +1,73 @@
+"""What DQN and SAC share on the JAX backend: the replay buffer and the collect loop.
+
+The buffer is flashbax's item buffer (device arrays, sampled with the training
+PRNG key, a pytree that orbax checkpoints with the rest of the runner state).
+`collect` steps the vmapped envs `num_steps` times inside `lax.scan` and adds
+each transition, storing the true final observation as `next_obs`, so a
+truncated episode bootstraps from where it really ended.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import flashbax
+import jax
+import jax.numpy as jnp
+
+
+def make_buffer(capacity: int, batch_size: int):
+    return flashbax.make_item_buffer(max_length=capacity, min_length=batch_size,
+                                     sample_batch_size=batch_size, add_batches=True)
+
+
+def example_transition(obs_shape: tuple[int, ...], action: jax.Array) -> dict[str, jax.Array]:
+    """One transition's structure (shapes/dtypes) to initialise the buffer."""
+    return {"obs": jnp.zeros(obs_shape, jnp.float32), "action": action,
+            "reward": jnp.zeros((), jnp.float32), "next_obs": jnp.zeros(obs_shape, jnp.float32),
+            "terminated": jnp.zeros((), jnp.float32)}
+
+
+class CollectResult(NamedTuple):
+    env_state: Any
+    obs: jax.Array
+    rng: jax.Array
+    buffer_state: Any
+    episode_return_sum: jax.Array
+    episode_length_sum: jax.Array
+    episode_count: jax.Array
+
+
+def collect(venv, buffer, *, env_state: Any, obs: jax.Array, rng: jax.Array, buffer_state: Any,
+            num_steps: int, reward_scale: float,
+            select_action: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
+            ) -> CollectResult:
+    """Step every env `num_steps` times; `select_action(key, obs) -> (stored, sent to env)`."""
+
+    def step(carry, _):
+        env_state, obs, rng, buffer_state = carry
+        rng, k_act, k_env = jax.random.split(rng, 3)
+        action, env_action = select_action(k_act, obs)
+        out = venv.step(k_env, env_state, env_action)
+        buffer_state = buffer.add(buffer_state, {
+            "obs": obs, "action": action, "reward": out.reward * reward_scale,
+            "next_obs": out.final_obs, "terminated": out.terminated.astype(jnp.float32)})
+        done = jnp.logical_or(out.terminated, out.truncated)
+        stats = (out.episode_return.sum(), out.episode_length.sum().astype(jnp.float32),
+                 done.sum().astype(jnp.float32))
+        return (out.state, out.obs, rng, buffer_state), stats
+
+    (env_state, obs, rng, buffer_state), (ret, length, count) = jax.lax.scan(
+        step, (env_state, obs, rng, buffer_state), None, num_steps)
+    return CollectResult(env_state, obs, rng, buffer_state, ret.sum(), length.sum(), count.sum())
+
+
+def learning_started(env_steps: jax.Array, learning_starts: int, batch_size: int) -> jax.Array:
+    return env_steps >= max(learning_starts, batch_size)
+
+
+def mean_over_learning(sums: dict[str, Any], num_updates: int, keys: tuple[str, ...]
+                       ) -> dict[str, float]:
+    """Learning metrics averaged over the updates that actually learned (NaN before any)."""
+    learned = float(sums["learn_count"])
+    return {k: (float(sums[k]) / learned if learned else float("nan")) for k in keys}
