@@ -21,6 +21,7 @@ checkpoint of theirs is loaded.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import pathlib
@@ -30,6 +31,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from common import config as config_lib
+from common import normalize as normalize_lib
 from common import run_dir as run_dir_lib
 
 logger = logging.getLogger("vibe_rl")
@@ -83,8 +85,13 @@ class LoadedModel:
 # ----------------------------------------------------------------- nested dict helpers
 
 
+def _is_map(tree: Any) -> bool:
+    # dict first: the ABC check behind isinstance(x, Mapping) is slow on the request path.
+    return type(tree) is dict or isinstance(tree, Mapping)
+
+
 def _leaves(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
-    if isinstance(tree, Mapping):
+    if _is_map(tree):
         for key, value in tree.items():
             yield from _leaves(value, f"{prefix}{key}/")
     else:
@@ -92,14 +99,14 @@ def _leaves(tree: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
 
 
 def _map(fn: Callable[[Any], Any], tree: Any) -> Any:
-    if isinstance(tree, Mapping):
+    if _is_map(tree):
         return {key: _map(fn, value) for key, value in tree.items()}
     return fn(tree)
 
 
 def _stack(samples: Sequence[Any]) -> Any:
     first = samples[0]
-    if isinstance(first, Mapping):
+    if _is_map(first):
         return {key: _stack([s[key] for s in samples]) for key in first}
     if len(samples) == 1:
         return np.expand_dims(np.asarray(first), 0)  # a view: no copy for the common case
@@ -109,7 +116,7 @@ def _stack(samples: Sequence[Any]) -> Any:
 def _get(tree: Mapping, path: str) -> Any:
     node: Any = tree
     for part in path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
+        if not _is_map(node) or part not in node:
             raise KeyError(path)
         node = node[part]
     return node
@@ -124,7 +131,7 @@ def _put(tree: dict, path: str, value: Any) -> None:
 
 def _signature(tree: Any) -> tuple:
     """Keys, shapes and dtypes: samples with equal signatures can share one batched call."""
-    return tuple((path, np.shape(leaf), np.asarray(leaf).dtype.str) for path, leaf in _leaves(tree))
+    return tuple((path, leaf.shape, leaf.dtype.str) for path, leaf in _leaves(tree))
 
 
 def _transforms(value: Any, what: str) -> tuple[Transform, ...]:
@@ -168,7 +175,7 @@ class Policy:
         self._input_spec = {k: ArraySpec(tuple(s.shape), str(np.dtype(s.dtype)))
                             for k, s in (input_spec or {}).items()}
         self._metadata = dict(metadata or {})
-        self.norm_stats: dict[str, dict[str, np.ndarray]] | None = None
+        self.norm_stats: dict[str, normalize_lib.NormStats] | None = None
         """Dataset norm stats from the checkpoint's assets/, when its config uses them."""
 
     @property
@@ -214,12 +221,17 @@ class Policy:
         This is the server's entry point: a bad observation fails alone
         (`ObservationError`), the others still get their actions.
         """
+        if len(observations) == 1:  # the common, latency-critical case: no grouping
+            try:
+                return [self._run([self._prepare(observations[0])])[0]]
+            except Exception as error:
+                return [error]
         results: list[dict[str, Any] | Exception | None] = [None] * len(observations)
         groups: dict[tuple, list[tuple[int, Any]]] = {}
         for i, obs in enumerate(observations):
             try:
                 sample = self._prepare(obs)
-            except ObservationError as error:
+            except Exception as error:  # ObservationError; anything else fails this request only
                 results[i] = error
                 continue
             groups.setdefault(_signature(sample), []).append((i, sample))
@@ -256,7 +268,7 @@ class Policy:
     # ------------------------------------------------------------- internals
     def _prepare(self, obs: Any) -> Any:
         """Copy, transform and check one observation; returns the model-side sample."""
-        if not isinstance(obs, Mapping):
+        if not _is_map(obs):
             raise ObservationError(f"An observation is a dict of arrays (e.g. "
                                    f"{{{OBSERVATION_KEY!r}: ...}}), got {type(obs).__name__}.")
         data: Any = dict(obs)  # a shallow copy, so transforms never touch the caller's dict
@@ -270,7 +282,10 @@ class Policy:
                 raise ObservationError(f"Input transform {name} failed on this observation: "
                                        f"{type(error).__name__}: {error}") from error
         if not self._input_spec:
-            return _map(np.asarray, data)
+            try:
+                return _map(np.asarray, data)
+            except Exception as error:  # e.g. ragged nested lists
+                raise ObservationError(f"Observation is not a dict of arrays: {error}") from None
         return self._check(data)
 
     def _check(self, data: Mapping) -> dict:
@@ -309,11 +324,11 @@ class Policy:
         """One batched model call for samples of equal signature; per-sample outputs."""
         batch = _stack(samples)
         start = time.perf_counter()
-        outputs = self._infer_fn(batch)
+        outputs = _map(np.asarray, self._infer_fn(batch))
         infer_ms = (time.perf_counter() - start) * 1000
         results = []
         for i in range(len(samples)):
-            out = _map(lambda a, i=i: np.asarray(a)[i], outputs)
+            out = _map(lambda a, i=i: a[i], outputs)
             for transform in self._outputs:
                 out = transform(out)
             out["policy_timing"] = {"infer_ms": infer_ms}
@@ -380,43 +395,30 @@ def uses_norm_stats(config: config_lib.TrainConfig) -> bool:
     return bool(getattr(getattr(config, "data", None), "use_norm_stats", False))
 
 
-def load_norm_stats(step_dir: pathlib.Path | str, preset: str) -> dict[str, dict[str, np.ndarray]]:
-    """`<step>/assets/norm_stats.json` (openpi's schema) as {key: {"mean": array, "std": ...}}."""
+def load_norm_stats(step_dir: pathlib.Path | str, preset: str) -> dict[str, normalize_lib.NormStats]:
+    """`<step>/assets/norm_stats.json` (openpi's schema), the stats this checkpoint trained with."""
     path = pathlib.Path(step_dir) / run_dir_lib.ASSETS_DIR / run_dir_lib.NORM_STATS_FILE
     if not path.is_file():
         raise CheckpointError(
             f"Missing norm stats {path}: this policy normalizes its inputs with them. Compute them "
-            f"with `python scripts/compute_norm_stats.py {preset}` (training copies them into every "
-            f"checkpoint's assets/), then copy the file to {path} or retrain.")
+            f"with `{normalize_lib.COMPUTE_COMMAND.format(preset=preset)}` (training copies them "
+            f"into every checkpoint's assets/), then copy the file to {path} or retrain.")
     try:
-        entries = json.loads(path.read_text())["norm_stats"]
-        stats = {}
-        for key, entry in entries.items():
-            stats[key] = {name: np.asarray(values, np.float32) for name, values in entry.items()
-                          if name in ("mean", "std", "q01", "q99") and values is not None}
-            if "mean" not in stats[key] or "std" not in stats[key]:
-                raise ValueError(f"entry {key!r} needs 'mean' and 'std'")
-            if len({v.shape for v in stats[key].values()}) != 1:
-                raise ValueError(f"entry {key!r} has fields of different shapes")
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise CheckpointError(f"{path} is not a norm-stats file ({{\"norm_stats\": {{key: "
-                              f"{{\"mean\", \"std\", \"q01\", \"q99\"}}}}}}): {error}") from None
-    return stats
+        return normalize_lib.load(path, preset=preset)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def _load_model_fn(backend: str) -> Callable[..., LoadedModel]:
     # Imported here, not at the top: common imports neither jax nor torch, and serving a JAX
     # checkpoint must not need torch installed (nor the reverse).
+    if backend not in ("jax", "torch"):
+        raise CheckpointError(f"Unknown backend {backend!r}: pass jax or torch.")
     module_name = f"vibe_rl_{backend}.policy"
     try:
-        if backend == "jax":
-            from vibe_rl_jax import policy as module
-        elif backend == "torch":
-            from vibe_rl_torch import policy as module  # type: ignore[attr-defined]
-        else:
-            raise CheckpointError(f"Unknown backend {backend!r}: pass jax or torch.")
+        module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name == module_name or (error.name or "").startswith("vibe_rl_"):
+        if error.name in (module_name, f"vibe_rl_{backend}"):
             raise BackendUnavailableError(
                 f"The {backend} policy loader ({module_name}) is not available yet in this version; "
                 f"only JAX checkpoints can be served for now.") from None

@@ -6,7 +6,7 @@ import pytest
 
 from common import config as config_lib
 from common import presets
-from common.config import ConfigError, EnvConfig, PPOConfig, TrainConfig
+from common.config import ConfigError, DQNConfig, EnvConfig, PPOConfig, SACConfig, TrainConfig
 
 
 def make(**changes):
@@ -71,7 +71,7 @@ def test_every_field_has_a_docstring():
     # tyro shows these in --help; a field without one is a hole in the CLI docs.
     import inspect
 
-    for cls in (TrainConfig, EnvConfig, PPOConfig):
+    for cls in (TrainConfig, EnvConfig, PPOConfig, DQNConfig, SACConfig):
         source = inspect.getsource(cls)
         for field in dataclasses.fields(cls):
             after = source.split(f"    {field.name}:", 1)[1].split("\n", 2)[1]
