@@ -18,6 +18,10 @@ device buffers) and runs orbax's synchronous save on one background thread.
 A failed background save is re-raised at the next save or at `wait()`, so
 training stops loudly instead of running on without checkpoints. With several
 hosts it falls back to orbax's async save, which coordinates the processes.
+A state larger than `background_max_bytes` (a big replay buffer) is saved
+synchronously from the device arrays instead: in the background, the saved
+state would have to stay alive beside the next one, doubling peak memory,
+while orbax's synchronous write streams it with a few MB of overhead.
 """
 
 from __future__ import annotations
@@ -106,7 +110,7 @@ class CheckpointWriter:
     """Saves steps in order without stalling the training loop (see module docstring)."""
 
     def __init__(self, run_dir: pathlib.Path | str, *, max_to_keep: int, keep_period: int | None,
-                 async_save: bool = True):
+                 async_save: bool = True, background_max_bytes: int = 256 * 2**20):
         self._threaded = async_save and jax.process_count() == 1
         self.manager = make_manager(run_dir, max_to_keep=max_to_keep, keep_period=keep_period,
                                     async_save=async_save and not self._threaded)
@@ -114,6 +118,7 @@ class CheckpointWriter:
             if self._threaded else None
         self._pending: concurrent.futures.Future | None = None
         self._pending_step: int | None = None
+        self._background_max_bytes = background_max_bytes
 
     def _raise_if_failed(self, block: bool) -> None:
         if self._pending is None or not (block or self._pending.done()):
@@ -129,6 +134,11 @@ class CheckpointWriter:
             save(self.manager, step, params=params, train_state=train_state, assets=assets)
             return
         self._raise_if_failed(block=False)
+        nbytes = sum(getattr(x, "nbytes", 0) for x in jax.tree.leaves(train_state))
+        if nbytes > self._background_max_bytes:
+            self._raise_if_failed(block=True)
+            save(self.manager, step, params=params, train_state=train_state, assets=assets)
+            return
         params, train_state = jax.device_get((params, train_state))
         self._raise_if_failed(block=True)  # one save in flight at most: bounded host memory
         self._pending_step = step

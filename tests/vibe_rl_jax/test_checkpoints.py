@@ -1,0 +1,57 @@
+"""Checkpoint retention and memory behaviour of the JAX checkpoint writer."""
+
+import jax.numpy as jnp
+import numpy as np
+
+from common import run_dir as rd
+from tests.conftest import run_script
+from vibe_rl_jax import checkpoints
+
+
+def test_orbax_retention_is_the_shared_rule(tmp_path):
+    """The Torch backend implements common.run_dir.steps_to_keep; orbax must agree with it."""
+    writer = checkpoints.CheckpointWriter(tmp_path, max_to_keep=2, keep_period=4, async_save=True)
+    state = {"w": jnp.arange(3.0)}
+    for step in range(1, 11):
+        writer.save(step, params=state, train_state=state, assets={"config.json": {"s": step}})
+    writer.wait()
+    writer.close()
+    assert set(rd.complete_steps(tmp_path)) == rd.steps_to_keep(list(range(1, 11)), 2, 4) == {
+        4, 8, 9, 10}
+    restored = checkpoints.load_params(tmp_path / "10")
+    np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
+
+
+_BIG_SAVE = r"""
+import resource, sys, jax, jax.numpy as jnp
+from vibe_rl_jax import checkpoints
+def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# A replay-buffer-sized state: 1e6 transitions x 100 float32 = 400 MB.
+state = {"buffer": jax.jit(lambda: jnp.ones((1_000_000, 100), jnp.float32))()}
+state["buffer"].block_until_ready()
+limit = int(sys.argv[2]) if len(sys.argv) > 2 else 256 * 2**20
+writer = checkpoints.CheckpointWriter(sys.argv[1], max_to_keep=1, keep_period=None,
+                                      background_max_bytes=limit)
+# The training loop's next chunk: donates the state and writes a new one.
+next_chunk = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+before = rss_mb()
+writer.save(1, params={"w": jnp.zeros(3)}, train_state=state, assets={})
+state = next_chunk(state)
+jax.block_until_ready(state)
+writer.wait(); writer.close()
+print("INCREASE_MB", rss_mb() - before)
+"""
+
+
+def test_large_state_saves_without_doubling_memory(tmp_path):
+    script = tmp_path / "big_save.py"
+    script.write_text(_BIG_SAVE)
+    out = run_script([str(script), str(tmp_path / "run")], env={"JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    increase = float(out.stdout.split("INCREASE_MB")[1])
+    assert increase < 150, f"peak RSS grew by {increase:.0f} MB while saving a 400 MB state"
+    assert rd.complete_steps(tmp_path / "run") == [1]
+    # Control: forced into the background, the same save does double the state's memory.
+    out = run_script([str(script), str(tmp_path / "run2"), str(2**40)], env={"JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert float(out.stdout.split("INCREASE_MB")[1]) > 300
