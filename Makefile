@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+LEROBOT_PIN := lerobot==0.4.4
 EXP ?= quickstart
 
 .PHONY: train test test-fast install-jax install-dev clean
@@ -19,7 +20,9 @@ $(VENV)/.jax-installed: pyproject.toml | $(PY)
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	# The matched CUDA-build pair runs on the CPU and comes from local wheels (DESIGN.md).
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e '.[jax,torch,serve,wandb,dev]'
+	$(PIP) install -q -e '.[jax,torch,data,serve,wandb,dev]'
+	# lerobot caps torch<2.11: install it without its pins (its dataset needs are in the data extra).
+	$(PIP) install -q --no-deps $(LEROBOT_PIN)
 	touch $@
 
 install-jax: $(VENV)/.jax-installed

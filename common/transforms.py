@@ -145,11 +145,13 @@ class RepackTransform:
 # `PadToDim`) and pass through unchanged, so the output transforms can slice them off.
 
 
-def _stat(stats: NormStats, name: str, key: str) -> np.ndarray:
-    value = getattr(stats, name)
+def _stat(stats: NormStats | Mapping[str, Any], name: str, key: str) -> np.ndarray:
+    """One field of a key's stats: a `NormStats`, or a mapping with the same field names."""
+    value = stats.get(name) if isinstance(stats, Mapping) else getattr(stats, name)
     if value is None:
-        raise ValueError(f"Norm stats for {key!r} have no {name!r}; quantile normalisation needs "
-                         f"q01 and q99 (recompute with scripts/compute_norm_stats.py).")
+        raise ValueError(f"Norm stats for {key!r} have no {name!r}"
+                         + ("; quantile normalisation needs q01 and q99" if name in ("q01", "q99")
+                            else "") + " (recompute with scripts/compute_norm_stats.py).")
     return np.asarray(value)
 
 
@@ -205,7 +207,7 @@ class Normalize:
             q01, q99 = q01[..., :d], q99[..., :d]
             y = (x - q01) / (q99 - q01 + EPS) * 2.0 - 1.0
         else:
-            mean, std = np.asarray(stats.mean), np.asarray(stats.std)
+            mean, std = _stat(stats, "mean", key), _stat(stats, "std", key)
             _check_dims(key, x, mean.shape[-1])
             y = (x - mean[..., :d]) / (std[..., :d] + EPS)
         return y.astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else y.astype(np.float32)
@@ -238,7 +240,7 @@ class Unnormalize:
             lo, hi = _stat(stats, "q01", key), _stat(stats, "q99", key)
             scale, shift = (hi - lo + EPS) / 2.0, lo + (hi - lo + EPS) / 2.0
         else:
-            scale, shift = np.asarray(stats.std) + EPS, np.asarray(stats.mean)
+            scale, shift = _stat(stats, "std", key) + EPS, _stat(stats, "mean", key)
         d = min(x.shape[-1], scale.shape[-1])
         head = x[..., :d] * scale[..., :d] + shift[..., :d]
         y = np.concatenate([head, x[..., d:]], axis=-1) if d < x.shape[-1] else head
