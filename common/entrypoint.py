@@ -18,10 +18,10 @@ def backend_module(config: TrainConfig):
     """The backend's train module, imported only when chosen (a backend never imports the other)."""
     if config.backend == "jax":
         from vibe_rl_jax import train as module
+    elif config.backend == "torch":
+        from vibe_rl_torch import train as module
     else:
-        raise ConfigError(
-            "--backend torch: the Torch (Lightning) backend is not available yet in this version; "
-            "use --backend jax.")
+        raise ConfigError(f"--backend {config.backend!r}: unknown backend; use jax or torch.")
     return module
 
 

@@ -1,0 +1,387 @@
+"""The Torch training loop: a Lightning Trainer over PPO updates, on one process or under torchrun.
+
+`train(config)` mirrors vibe_rl_jax/train.py: the same run-directory rules
+(`common.run_dir.initialize_run_dir`), the same TensorBoard tags, console line
+and logging cadence (every `log_interval` updates, step = updates
+completed), checkpoints at multiples of `save_interval` and at the end, and
+`stop_at` to end a run early as an interruption would.
+
+Distributed runs take their world size and ranks from torchrun only
+(`vibe_rl_torch.distributed`). Each rank steps its share of the envs with its
+own seed stream; metrics are summed over ranks before logging; only rank 0
+writes logs and checkpoints (the other ranks' env/RNG state is gathered to
+it, so a resumed DDP run continues exactly) and only rank 0 reads them back,
+sending each rank its part, so the nodes of a multi-node run need no shared
+filesystem.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import pickle
+import random
+import time
+import warnings
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+from common import config as config_lib
+from common import metrics as metrics_lib
+from common import run_dir as run_dir_lib
+from common.config import ConfigError, PPOConfig, TrainConfig
+from common.run_dir import RunDirError
+from vibe_rl_torch import checkpoints, distributed, envs, networks
+from vibe_rl_torch.distributed import DistInfo, LaunchError
+from vibe_rl_torch.ppo import LOSS_NAMES, PPO
+
+logger = logging.getLogger("vibe_rl")
+
+_EPISODE_KEYS = ("episode_return_sum", "episode_length_sum", "episode_count")
+OBS_NORMALIZER = "obs_normalizer"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Any
+    final_step: int
+    params: dict[str, np.ndarray]  # canonical inference params (+ obs_normalizer/{mean,var})
+    module: PPO
+    history: list[dict[str, float]]
+    train_seconds: float  # wall time of the update loop (Lightning/env set-up excluded)
+
+
+def validate(config: TrainConfig) -> None:
+    """Backend checks the config tree cannot do: the algorithm, the gymnasium id, the split over ranks."""
+    if not isinstance(config.algo, PPOConfig):
+        raise ConfigError(
+            f"--backend torch trains PPO only in this version; preset {config.name!r} uses "
+            f"{config.algo.kind}. Use --backend jax for it.")
+    envs.check_env_id(config.env.id)
+    distributed.check_config(distributed.from_environment(), config)
+
+
+def chunk_metrics(sums: dict[str, float], num_updates: int, step: int, seconds: float,
+                  learning_rate: float, batch_size: int) -> dict[str, float]:
+    """The JAX backend's `_chunk_metrics`, tag for tag (sums are over ranks and updates)."""
+    count = sums["episode_count"]
+    out = {
+        metrics_lib.EPISODE_RETURN: sums["episode_return_sum"] / count if count else math.nan,
+        metrics_lib.EPISODE_LENGTH: sums["episode_length_sum"] / count if count else math.nan,
+        metrics_lib.LEARNING_RATE: learning_rate,
+        metrics_lib.SPS: num_updates * batch_size / max(seconds, 1e-9),
+        "train/approx_kl": sums["approx_kl"] / num_updates,
+        "train/clip_fraction": sums["clip_fraction"] / num_updates,
+    }
+    for name in ("total", "policy", "value", "entropy"):
+        out[metrics_lib.loss_tag(name)] = sums[name] / num_updates
+    return out
+
+
+def inference_params(module: PPO) -> dict[str, np.ndarray]:
+    """What `params/model.safetensors` holds: canonical weights plus observation statistics."""
+    params = networks.canonical_params(module.network)
+    stats = module.venv.obs_normalizer()
+    if stats is not None:
+        params.update({f"{OBS_NORMALIZER}/{k}": v for k, v in stats.items()})
+    return params
+
+
+def _rank_seeds(seed: int, rank: int, num_envs: int, *salt: int) -> tuple[list[int], int]:
+    """This rank's own stream: env seeds and one seed for its torch generators."""
+    entropy = seed % 2**64  # SeedSequence takes non-negative ints; --seed may be negative
+    state = np.random.SeedSequence(entropy, spawn_key=(rank, *salt)).generate_state(num_envs + 1)
+    return [int(s) for s in state[:num_envs]], int(state[num_envs])
+
+
+def _seed_globals(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _global_rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state()}
+
+
+def _set_global_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def _param_fingerprint(module: PPO) -> tuple[float, float]:
+    with torch.no_grad():
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in module.network.parameters()])
+    return float(flat.sum()), float((flat * flat).sum())
+
+
+def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    ignore = {"resume", "overwrite", "progress_bar", "wandb_enabled"}
+    diffs = [k for k in set(saved) | set(current)
+             if k not in ignore and saved.get(k) != current.get(k)]
+    if diffs:
+        logger.warning("Resuming with a config that differs from the checkpoint's in: %s",
+                       ", ".join(sorted(diffs)))
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
+
+
+def _prepare_run_dir(config: TrainConfig, info: DistInfo) -> bool:
+    """Rank 0 applies the --resume/--overwrite rules; every rank gets its verdict."""
+    verdict: tuple[str, Any] | None = None
+    if info.is_primary:
+        try:
+            verdict = ("ok", run_dir_lib.initialize_run_dir(
+                config.run_dir, resume=config.resume, overwrite=config.overwrite))
+        except RunDirError as error:
+            verdict = ("error", str(error))
+    verdict = distributed.broadcast_from_primary(verdict)
+    if verdict[0] == "error":
+        raise RunDirError(verdict[1])
+    return bool(verdict[1])
+
+
+class _Bookkeeper(L.Callback):
+    """After each update: sum metrics; every log_interval log them; every save_interval save."""
+
+    def __init__(self, config: TrainConfig, info: DistInfo, end: int,
+                 writer: metrics_lib.MetricWriter, saver: checkpoints.CheckpointWriter | None,
+                 config_dict: dict[str, Any]):
+        self.config, self.info, self.end = config, info, end
+        self.writer, self.saver, self.config_dict = writer, saver, config_dict
+        self.keys = _EPISODE_KEYS + LOSS_NAMES
+        self.sums = np.zeros(len(self.keys))
+        self.updates = 0
+        self.history: list[dict[str, float]] = []
+        self.start_time = self.last_time = time.perf_counter()
+
+    def on_train_start(self, trainer, module: PPO) -> None:
+        self.start_time = self.last_time = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module: PPO, outputs, batch, batch_idx) -> None:
+        self.sums += np.array([outputs[k] for k in self.keys])
+        self.updates += 1
+        step = module.update_step
+        if step % self.config.log_interval == 0 or step == self.end:
+            self._log(module, step)
+        if step % self.config.save_interval == 0 or step == self.end:
+            self.save(module, step)
+
+    def _log(self, module: PPO, step: int) -> None:
+        totals = distributed.all_reduce_sum(self.sums)
+        sums = dict(zip(self.keys, totals.tolist()))
+        for name in LOSS_NAMES:  # losses are means: average them over ranks
+            sums[name] /= self.info.world_size
+        now = time.perf_counter()
+        scalars = chunk_metrics(sums, self.updates, step, now - self.last_time,
+                                module.learning_rate(step), self.config.batch_size)
+        self.last_time = now
+        self.sums[:] = 0
+        self.updates = 0
+        self.writer.write(step, scalars)
+        self.history.append({"step": step, "time": now - self.start_time, **scalars})
+        self.writer.progress(step, self.config.num_updates, scalars[metrics_lib.SPS],
+                             scalars[metrics_lib.EPISODE_RETURN])
+
+    def save(self, module: PPO, step: int) -> None:
+        """Gather every rank's state to rank 0, which writes the step directory."""
+        mine = pickle.dumps({"env": module.venv.state_dict(), "rng": module.rng_state(),
+                             "global_rng": _global_rng_state(),
+                             "fingerprint": _param_fingerprint(module)})
+        gathered = distributed.gather_to_primary(mine)
+        if not self.info.is_primary:
+            return
+        fingerprints = {pickle.loads(blob)["fingerprint"] for blob in gathered}
+        if len(fingerprints) > 1:
+            raise RuntimeError(f"DDP ranks hold different parameters at update {step} "
+                               f"({sorted(fingerprints)}): gradients were not synchronised.")
+        rms = module.venv.rms  # identical on every rank (reduced moments); kept for any world size
+        trainer_state = {"update_step": step, "world_size": self.info.world_size,
+                         "obs_rms": None if rms is None else
+                         {k: torch.as_tensor(v) for k, v in rms.state_dict().items()},
+                         **module.optimizer_state()}
+        files = checkpoints.step_files(params=inference_params(module),
+                                       trainer_state=trainer_state, rank_states=gathered,
+                                       config=self.config_dict)
+        self.saver.save(step, files)
+
+
+def _read_checkpoint(run_dir, info: DistInfo) -> tuple[Any, dict, dict, dict, dict | None]:
+    """Rank 0 reads the latest step and sends every rank what it needs (no shared filesystem
+    needed across nodes): the step's common state to all, each rank its own env/RNG state."""
+    payload: tuple[str, Any] | None = None
+    rank_states: list[Any] | None = None
+    if info.is_primary:
+        step_dir = run_dir_lib.step_dir(run_dir, run_dir_lib.latest_step(run_dir))
+        try:
+            trainer_state = checkpoints.load_trainer_state(step_dir)
+            payload = ("ok", (step_dir, trainer_state, checkpoints.load_params(step_dir),
+                              checkpoints.load_config(step_dir)))
+            same_world = int(trainer_state["world_size"]) == info.world_size
+            rank_states = [checkpoints.load_rank_state(step_dir, r) if same_world else None
+                           for r in range(info.world_size)]
+        except FileNotFoundError as error:
+            payload = ("error", str(error))
+    payload = distributed.broadcast_from_primary(payload)
+    if payload[0] == "error":
+        raise RunDirError(payload[1])
+    rank_state = distributed.scatter_from_primary(rank_states)
+    return (*payload[1], rank_state)
+
+
+def _restore(module: PPO, config: TrainConfig, info: DistInfo, run_dir) -> None:
+    """Load the latest step into the module, its optimizer and this rank's envs and RNGs."""
+    step_dir, trainer_state, params, saved_config, rank_state = _read_checkpoint(run_dir, info)
+    model = {k: v for k, v in params.items() if not k.startswith(OBS_NORMALIZER + "/")}
+    networks.load_canonical(module.network, model)
+    module.update_step = int(trainer_state["update_step"])
+    module.restore_optimizer_state(trainer_state)
+    if info.is_primary:
+        _warn_config_drift(saved_config, config_lib.to_dict(config))
+    venv = module.venv
+    if venv.rms is not None:
+        if trainer_state["obs_rms"] is None:
+            raise ConfigError(f"{step_dir} holds no observation statistics but the config has "
+                              f"--env.normalize-obs: resume with the config it was trained with.")
+        venv.rms.load_state_dict(trainer_state["obs_rms"])
+    same_world = int(trainer_state["world_size"]) == info.world_size
+    if rank_state is not None and venv.load_state_dict(rank_state["env"]):
+        module.restore_rng_state(rank_state["rng"])
+        _set_global_rng_state(rank_state["global_rng"])
+        exact = True
+    else:
+        env_seeds, rank_seed = _rank_seeds(config.seed, info.rank, venv.num_envs,
+                                           module.update_step)
+        _seed_globals(rank_seed)
+        venv.reset(env_seeds)
+        module.seed_streams(rank_seed)
+        exact = False
+    if not info.is_primary:
+        return
+    if exact:
+        logger.info("Resumed from %s at update %d", step_dir, module.update_step)
+    else:
+        why = (f"saved with WORLD_SIZE={trainer_state['world_size']}, now {info.world_size}"
+               if not same_world else "the checkpoint holds no env state")
+        logger.warning("Resumed from %s at update %d (%s): params, optimizer and observation "
+                       "statistics restored, envs and samplers re-seeded, so the run is not a "
+                       "bit-exact continuation.", step_dir, module.update_step, why)
+
+
+def _configure_threads() -> None:
+    # Tiny MLPs run fastest on one intra-op thread; respect an explicit OMP_NUM_THREADS.
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _cheap_cuda_probe(accelerator: str):
+    """On CPU, let `torch.cuda.is_available()` skip NVML while we train.
+
+    Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork safety for DataLoader
+    workers, which we do not use). With a CUDA build of torch on a machine without a GPU,
+    every `optimizer.step()` then dlopens NVML to ask whether CUDA is there (torch's graph-
+    capture health check), about 0.1 ms per step: a sizeable share of a tiny-MLP update.
+    """
+    key = "PYTORCH_NVML_BASED_CUDA_CHECK"
+    saved = os.environ.get(key)
+    if accelerator == "cpu" and saved is not None:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ[key] = saved
+
+
+def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
+    """Train `config` on the Torch backend; returns the final params and logged metrics.
+
+    `stop_at` ends the run early after that many updates (saving a checkpoint there),
+    as an interruption would, without changing the config or its schedules.
+    """
+    validate(config)
+    info = distributed.from_environment()
+    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    distributed.check_devices(info, accelerator)
+    _configure_threads()
+    _quiet_lightning()
+    distributed.init_process_group(info, accelerator)
+    try:
+        with _cheap_cuda_probe(accelerator):
+            return _train(config, info, accelerator, stop_at)
+    finally:
+        distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, info: DistInfo, accelerator: str, stop_at: int | None) -> TrainResult:
+    run_dir = config.run_dir
+    resuming = _prepare_run_dir(config, info)
+    if info.is_primary:
+        logger.info("Run directory %s | %d process(es) on %d node(s), %s", run_dir.absolute(),
+                    info.world_size, info.num_nodes, accelerator)
+    local_envs = config.env.num_envs // info.world_size
+    env_seeds, rank_seed = _rank_seeds(config.seed, info.rank, local_envs)
+    _seed_globals(rank_seed)
+    venv = envs.VecEnv(config.env.id, local_envs, normalize_obs=config.env.normalize_obs,
+                       moments=distributed.global_moments if info.distributed else envs.local_moments)
+    module = PPO(config, venv, rank_seed=rank_seed)
+    if resuming:
+        _restore(module, config, info, run_dir)
+    else:
+        venv.reset(env_seeds)
+
+    config_dict = config_lib.to_dict(config)
+    writer = metrics_lib.MetricWriter(run_dir, config=config_dict, resuming=resuming,
+                                      wandb_enabled=config.wandb_enabled,
+                                      progress=config.progress_bar, active=info.is_primary)
+    saver = (checkpoints.CheckpointWriter(run_dir, max_to_keep=config.max_to_keep,
+                                          keep_period=config.keep_period,
+                                          async_save=config.async_checkpointing)
+             if info.is_primary else None)
+    total = config.num_updates
+    end = total if stop_at is None else min(stop_at, total)
+    bookkeeper = _Bookkeeper(config, info, end, writer, saver, config_dict)
+    strategy = (DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+                            find_unused_parameters=False)
+                if info.distributed else "auto")
+    trainer = L.Trainer(accelerator=accelerator, devices=info.local_world_size,
+                        num_nodes=info.num_nodes, strategy=strategy, max_epochs=1, logger=False,
+                        callbacks=[bookkeeper], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, num_sanity_val_steps=0)
+    if trainer.world_size != info.world_size:
+        raise LaunchError(f"Lightning sees {trainer.world_size} process(es) but torchrun started "
+                          f"WORLD_SIZE={info.world_size}.")
+    train_seconds = 0.0
+    try:
+        if module.update_step < end:
+            trainer.fit(module, train_dataloaders=range(module.update_step, end))
+            train_seconds = time.perf_counter() - bookkeeper.start_time
+        if saver is not None:
+            saver.wait()
+    finally:
+        if saver is not None:
+            saver.close()
+        writer.close()
+        venv.close()
+    if info.is_primary:
+        logger.info("Done: %d updates. Checkpoints in %s ; TensorBoard: tensorboard --logdir %s",
+                    module.update_step, run_dir.absolute(), config.checkpoint_base_dir)
+    return TrainResult(run_dir, module.update_step, inference_params(module), module,
+                       bookkeeper.history, train_seconds)
