@@ -47,8 +47,13 @@ def main() -> None:
     parser.add_argument("--sb3-steps", type=int, default=50_000,
                         help="SB3 env steps (5e5 takes ~5 min here; its speed is what we compare)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sb3-threads", type=int, default=1,
+                        help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
     args = parser.parse_args()
     quiet_logging()
+    import torch
+
+    torch.set_num_threads(args.sb3_threads)
     with tempfile.TemporaryDirectory() as base:
         full = run_vibe("cartpole_ppo", base, "full", args.seed, threshold=475)
         bare = run_vibe("cartpole_ppo", base, "bare", args.seed, log_interval=976,

@@ -46,8 +46,13 @@ def main() -> None:
     parser.add_argument("--backends", default="jax")
     parser.add_argument("--sb3-steps", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sb3-threads", type=int, default=1,
+                        help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
     args = parser.parse_args()
     quiet_logging()
+    import torch
+
+    torch.set_num_threads(args.sb3_threads)
     results = {}
     with tempfile.TemporaryDirectory() as base:
         for backend in args.backends.split(","):
