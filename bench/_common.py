@@ -47,3 +47,36 @@ def print_row(name: str, r: dict) -> None:
              if r.get("time_to_threshold_s") is not None else "")
     print(f"{name:<34}|{extra} train {r['train_s']:.1f} s | {r['sps']:>9,.0f} env steps/s |"
           f"{reach} final return {r['final_return']:.1f}")
+
+
+def parser_with_common_flags(doc: str, sb3_steps: int, backends: bool = True):
+    """The flags every SB3 comparison takes."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if backends:
+        parser.add_argument("--backends", default="jax", help="comma-separated: jax,torch")
+    parser.add_argument("--sb3-steps", type=int, default=sb3_steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sb3-threads", type=int, default=1,
+                        help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
+    return parser
+
+
+def setup(args) -> None:
+    quiet_logging()
+    import torch
+
+    torch.set_num_threads(args.sb3_threads)
+
+
+def time_sb3(model, env_id: str, total_steps: int) -> dict:
+    """Train an SB3 model for `total_steps`, then 10 deterministic evaluation episodes."""
+    import gymnasium as gym
+    from stable_baselines3.common.evaluation import evaluate_policy
+
+    start = time.perf_counter()
+    model.learn(total_timesteps=total_steps)
+    seconds = time.perf_counter() - start
+    mean_return, _ = evaluate_policy(model, gym.make(env_id), n_eval_episodes=10)
+    return {"train_s": seconds, "sps": total_steps / seconds, "final_return": float(mean_return)}

@@ -11,21 +11,17 @@ env steps for its speed; pass --sb3-steps 500000 for its return at full budget.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_row, quiet_logging, run_vibe  # noqa: E402
+from _common import parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
 
 
 def run_sb3(total_steps: int, seed: int) -> dict:
-    import gymnasium as gym
     from stable_baselines3 import DQN
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.evaluation import evaluate_policy
 
     env = make_vec_env("CartPole-v1", n_envs=10, seed=seed)
     model = DQN("MlpPolicy", env, learning_rate=2.5e-4, buffer_size=10_000,
@@ -33,25 +29,12 @@ def run_sb3(total_steps: int, seed: int) -> dict:
                 target_update_interval=500, exploration_fraction=0.5 * 500_000 / total_steps,
                 exploration_initial_eps=1.0, exploration_final_eps=0.05, max_grad_norm=10,
                 policy_kwargs={"net_arch": [120, 84]}, seed=seed, device="cpu", verbose=0)
-    start = time.perf_counter()
-    model.learn(total_timesteps=total_steps)
-    seconds = time.perf_counter() - start
-    mean_return, _ = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=10)
-    return {"train_s": seconds, "sps": total_steps / seconds, "final_return": float(mean_return)}
+    return time_sb3(model, "CartPole-v1", total_steps)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="jax")
-    parser.add_argument("--sb3-steps", type=int, default=50_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sb3-threads", type=int, default=1,
-                        help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
-    args = parser.parse_args()
-    quiet_logging()
-    import torch
-
-    torch.set_num_threads(args.sb3_threads)
+    args = parser_with_common_flags(__doc__, 50_000, backends=True).parse_args()
+    setup(args)
     results = {}
     with tempfile.TemporaryDirectory() as base:
         for backend in args.backends.split(","):

@@ -14,46 +14,29 @@ Figures are ratios measured in the same run (the machine is shared and noisy).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_row, quiet_logging, run_vibe  # noqa: E402
+from _common import parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
 
 
 def run_sb3(total_steps: int, seed: int):
-    import gymnasium as gym
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.evaluation import evaluate_policy
 
     env = make_vec_env("CartPole-v1", n_envs=4, seed=seed)
     model = PPO("MlpPolicy", env, n_steps=128, batch_size=128, n_epochs=4, learning_rate=lambda f: 2.5e-4 * f,
                 gamma=0.99, gae_lambda=0.95, clip_range=0.2, ent_coef=0.01, vf_coef=0.5,
                 max_grad_norm=0.5, policy_kwargs={"net_arch": [64, 64]}, seed=seed, device="cpu",
                 verbose=0)
-    start = time.perf_counter()
-    model.learn(total_timesteps=total_steps)
-    seconds = time.perf_counter() - start
-    mean_return, _ = evaluate_policy(model, gym.make("CartPole-v1"), n_eval_episodes=10)
-    return {"train_s": seconds, "sps": total_steps / seconds, "final_return": float(mean_return)}
+    return time_sb3(model, "CartPole-v1", total_steps)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sb3-steps", type=int, default=50_000,
-                        help="SB3 env steps (5e5 takes ~5 min here; its speed is what we compare)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sb3-threads", type=int, default=1,
-                        help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
-    args = parser.parse_args()
-    quiet_logging()
-    import torch
-
-    torch.set_num_threads(args.sb3_threads)
+    args = parser_with_common_flags(__doc__, 50_000, backends=False).parse_args()
+    setup(args)
     with tempfile.TemporaryDirectory() as base:
         full = run_vibe("cartpole_ppo", base, "full", args.seed, threshold=475)
         bare = run_vibe("cartpole_ppo", base, "bare", args.seed, log_interval=976,

@@ -10,21 +10,17 @@ step per vector step, batch 128, [128, 128] nets, buffer 1e5, learning starts
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import print_row, quiet_logging, run_vibe  # noqa: E402
+from _common import parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
 
 
 def run_sb3(total_steps: int, seed: int, matched: bool) -> dict:
-    import gymnasium as gym
     from stable_baselines3 import SAC
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.evaluation import evaluate_policy
 
     if matched:
         env = make_vec_env("Pendulum-v1", n_envs=8, seed=seed)
@@ -34,25 +30,12 @@ def run_sb3(total_steps: int, seed: int, matched: bool) -> dict:
     else:
         env = make_vec_env("Pendulum-v1", n_envs=1, seed=seed)
         model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0, learning_starts=1_000)
-    start = time.perf_counter()
-    model.learn(total_timesteps=total_steps)
-    seconds = time.perf_counter() - start
-    mean_return, _ = evaluate_policy(model, gym.make("Pendulum-v1"), n_eval_episodes=10)
-    return {"train_s": seconds, "sps": total_steps / seconds, "final_return": float(mean_return)}
+    return time_sb3(model, "Pendulum-v1", total_steps)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backends", default="jax")
-    parser.add_argument("--sb3-steps", type=int, default=10_000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sb3-threads", type=int, default=1,
-                        help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
-    args = parser.parse_args()
-    quiet_logging()
-    import torch
-
-    torch.set_num_threads(args.sb3_threads)
+    args = parser_with_common_flags(__doc__, 10_000, backends=True).parse_args()
+    setup(args)
     results = {}
     with tempfile.TemporaryDirectory() as base:
         for backend in args.backends.split(","):
