@@ -34,6 +34,7 @@ writer = checkpoints.CheckpointWriter(sys.argv[1], max_to_keep=1, keep_period=No
                                       background_max_bytes=limit)
 # The training loop's next chunk: donates the state and writes a new one.
 next_chunk = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
+next_chunk = next_chunk.lower(state).compile()  # runs at once after save() returns, as in training
 before = rss_mb()
 writer.save(1, params={"w": jnp.zeros(3)}, train_state=state, assets={})
 state = next_chunk(state)
