@@ -28,6 +28,7 @@ import math
 import os
 import pathlib
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -749,9 +750,12 @@ class TorchBatchLoader:
                  num_workers: int = 0, pin_memory: bool = False, prefetch_factor: int = 2):
         self.source, self.order = source, order
         self._dataset = _BatchDataset(source, transform)
+        # Forking a process that has started JAX's thread pools can deadlock the child (JAX
+        # warns about it); spawn then, e.g. when a test process or a notebook imported both.
+        context = "spawn" if num_workers and "jax" in sys.modules else None
         self._loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory,
                                    prefetch_factor=prefetch_factor if num_workers else None,
-                                   persistent_workers=False)
+                                   persistent_workers=False, multiprocessing_context=context)
         self._position = order.start()
         self._iterator = None
         self.data_wait_s = 0.0
