@@ -16,6 +16,7 @@ from common.run_dir import RunDirError
 
 def backend_module(config: TrainConfig):
     """The backend's train module, imported only when chosen (a backend never imports the other)."""
+    # Imported here, not at the top: only the chosen backend (and its framework) is loaded.
     if config.backend == "jax":
         from vibe_rl_jax import train as module
     elif config.backend == "torch":

@@ -30,3 +30,15 @@ def run_script(args, *, env=None, timeout=600, cwd=ROOT):
     full_env["PYTHONPATH"] = str(ROOT) + os.pathsep + full_env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+    """HF caches in a temp dir, offline (lerobot reads these when first imported)."""
+    home = tmp_path_factory.mktemp("hf_home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HOME", str(home))
+        patch.setenv("HF_LEROBOT_HOME", str(home / "lerobot"))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_DATASETS_OFFLINE", "1")
+        yield home

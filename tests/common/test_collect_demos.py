@@ -15,17 +15,6 @@ from common import two_goal as tg  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home))
-        patch.setenv("HF_LEROBOT_HOME", str(home / "lerobot"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield home
-
-
-@pytest.fixture(scope="module")
 def expert_demos(hf_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("demos") / "two_goal"
     summary = collect_demos.collect(collect_demos.Args(root=str(root), num_episodes=100, seed=0))

@@ -29,18 +29,6 @@ def _frame(episode, t, rng):
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    """HF caches in a temp dir, offline (lerobot reads these when first imported)."""
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home))
-        patch.setenv("HF_LEROBOT_HOME", str(home / "lerobot"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield home
-
-
-@pytest.fixture(scope="module")
 def dataset_root(hf_home, tmp_path_factory):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
