@@ -9,7 +9,10 @@ request in flight per client; no framework imported, GC off while timing). The e
 it back re-encoded: the floor of the protocol (websocket + msgpack-numpy both
 ways) with no policy. Reported: p50/p99 round trip and requests/s for 1 and
 for N concurrent clients, the served-policy overhead over the echo, and the
-Policy load and warm-up times the server logs. Rounds alternate echo and policy
+Policy load and warm-up times the server logs, for both backends (the
+checkpoint is converted to the other backend with scripts/convert_checkpoint.py
+and that server started once just for its load times; --backend picks which
+backend's server the latency rounds use). Rounds alternate echo and policy
 so background load hits both alike; the median round (by p50) is reported.
 Targets (issue 5): overhead <= 0.3 ms p50 with one client; N-client throughput
 >= 2x one client's.
@@ -124,6 +127,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=200, help="untimed requests per client first")
     parser.add_argument("--clients", type=int, default=8, help="concurrent clients of the 2nd case")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--backend", choices=("jax", "torch"),
+                        help="backend of the measured server (default: the checkpoint's own)")
     parser.add_argument("--output", default=str(REPO / "bench/results/serve_latency.json"))
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -135,10 +140,20 @@ def main() -> None:
     # while measuring, so neither adds pauses the servers did not cause.
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint_dir or str(_tiny_checkpoint(pathlib.Path(tmp)))
+        # Load and warm-up of both backends, one server at a time (none runs during the rounds).
+        by_backend = _checkpoints_for_both_backends(checkpoint, pathlib.Path(tmp))
+        backend = args.backend or next(iter(by_backend))
+        startup = {}
+        for name in sorted(by_backend, key=lambda b: b == backend):  # the measured one last
+            served, policy_port, log, ready_s = _start_policy(by_backend[name], args.clients)
+            load_s, warmup_s = (float(x) for x in re.search(
+                r"Loaded \w+ policy .* in ([\d.]+) s, warm-up ([\d.]+) s", "".join(log)).groups())
+            startup[name] = {"load_s": load_s, "warmup_s": warmup_s, "process_start_to_serving_s":
+                             ready_s}
+            if name != backend:
+                served.terminate()
+                served.wait(timeout=30)
         echo, echo_port = _start([sys.executable, __file__, "--serve-echo"], r"PORT (\d+)")
-        served, policy_port, log = _start_policy(checkpoint, args.clients)
-        load_s, warmup_s = (float(x) for x in re.search(
-            r"Loaded \w+ policy .* in ([\d.]+) s, warm-up ([\d.]+) s", "".join(log)).groups())
         obs = _observation(policy_port)
         rounds: dict[str, list[dict]] = {f"{kind}_{n}": [] for kind in ("echo", "policy")
                                          for n in (1, args.clients)}
@@ -162,8 +177,12 @@ def main() -> None:
     n = args.clients
     summary = {
         "checkpoint": checkpoint if args.checkpoint_dir else "tiny cartpole_ppo run (5120 steps)",
-        "policy_load_s": {"jax": load_s},
-        "policy_warmup_s": {"jax": warmup_s, "batches": f"1..{n}"},
+        "served_backend": backend,
+        "policy_load_s": {name: s["load_s"] for name, s in startup.items()},
+        "policy_warmup_s": {**{name: s["warmup_s"] for name, s in startup.items()},
+                            "batches": f"1..{n}"},
+        "process_start_to_serving_s": {name: s["process_start_to_serving_s"]
+                                       for name, s in startup.items()},
         "overhead_p50_ms_1_client": result["policy_1"]["p50_ms"] - result["echo_1"]["p50_ms"],
         "throughput_ratio_policy": result[f"policy_{n}"]["req_per_s"] / result["policy_1"]["req_per_s"],
         "load_average": os.getloadavg(),
@@ -178,7 +197,11 @@ def main() -> None:
           f"{summary['overhead_p50_ms_1_client']:.3f} ms (target <= 0.3)")
     print(f"policy throughput {n} clients / 1 client: {summary['throughput_ratio_policy']:.2f}x "
           f"(target >= 2)")
-    print(f"Policy load (JAX): {load_s:.2f} s, warm-up (batches 1..{n}): {warmup_s:.2f} s")
+    print(f"(latency rounds against the {backend} server)")
+    for name, s in sorted(startup.items()):
+        print(f"Policy load ({name}): {s['load_s']:.2f} s, warm-up (batches 1..{n}): "
+              f"{s['warmup_s']:.2f} s; process start to serving: "
+              f"{s['process_start_to_serving_s']:.2f} s")
     print(f"server's own summary: {summary_line}")
     print(f"load average during the run: {summary['load_average'][0]:.1f} "
           f"(median of {args.rounds} rounds reported)")
@@ -188,8 +211,23 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def _start_policy(checkpoint: str, max_batch: int) -> tuple[subprocess.Popen, int, list[str]]:
-    """scripts/serve_policy.py on a free port; returns it, its port and its log (kept growing)."""
+def _checkpoints_for_both_backends(checkpoint: str, tmp: pathlib.Path) -> dict[str, str]:
+    """{backend: checkpoint}: the given one first, then its conversion to the other backend."""
+    from common import policy as policy_lib  # framework-free
+
+    step_dir = policy_lib.resolve_step_dir(checkpoint)
+    source = policy_lib.detect_backend(step_dir)
+    other = "torch" if source == "jax" else "jax"
+    subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--checkpoint-dir",
+                    str(step_dir), "--to", other, "--output", str(tmp / other), "--no-verify"],
+                   cwd=REPO, check=True, capture_output=True)
+    return {source: str(step_dir), other: str(tmp / other / step_dir.name)}
+
+
+def _start_policy(checkpoint: str, max_batch: int) -> tuple[subprocess.Popen, int, list[str], float]:
+    """scripts/serve_policy.py on a free port; returns it, its port, its log (kept growing) and
+    the seconds from process start to serving."""
+    start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "scripts/serve_policy.py", "--policy.dir", checkpoint, "--port", "0",
          "--max-batch", str(max_batch)],
@@ -200,7 +238,7 @@ def _start_policy(checkpoint: str, max_batch: int) -> tuple[subprocess.Popen, in
         match = re.search(r"Serving policy on ws://[^:]+:(\d+)", line)
         if match:
             threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
-            return proc, int(match.group(1)), log
+            return proc, int(match.group(1)), log, time.perf_counter() - start
     raise RuntimeError("serve_policy.py did not start:\n" + "".join(log))
 
 

@@ -82,6 +82,14 @@ class LoadedModel:
     metadata: Mapping[str, Any]
 
 
+def action_spec_metadata(continuous: bool, dim: int, low: Any = None, high: Any = None) -> dict[str, Any]:
+    """The `action_spec` entry of a policy's metadata; both backends' loaders describe actions so."""
+    if continuous:
+        return {"key": ACTIONS_KEY, "type": "box", "shape": [int(dim)], "dtype": "float32",
+                "low": np.asarray(low).tolist(), "high": np.asarray(high).tolist()}
+    return {"key": ACTIONS_KEY, "type": "discrete", "n": int(dim), "shape": [], "dtype": "int32"}
+
+
 # ----------------------------------------------------------------- nested dict helpers
 
 
@@ -420,8 +428,8 @@ def _load_model_fn(backend: str) -> Callable[..., LoadedModel]:
     except ModuleNotFoundError as error:
         if error.name in (module_name, f"vibe_rl_{backend}"):
             raise BackendUnavailableError(
-                f"The {backend} policy loader ({module_name}) is not available yet in this version; "
-                f"only JAX checkpoints can be served for now.") from None
+                f"The {backend} policy loader ({module_name}) is not installed with this copy of "
+                f"vibe-rl: pip install -e '.[{backend},serve]'.") from None
         raise BackendUnavailableError(
             f"Loading a {backend} checkpoint needs {error.name!r}, which is not installed: "
             f"pip install -e '.[{backend},serve]'.") from None
@@ -463,6 +471,10 @@ def create_trained_policy(checkpoint_dir: pathlib.Path | str, backend: str | Non
     }
     if norm_stats is not None:
         metadata["norm_stats_keys"] = sorted(norm_stats)
+    provenance = step_dir / run_dir_lib.ASSETS_DIR / run_dir_lib.PROVENANCE_FILE
+    if provenance.is_file():  # a converted checkpoint says where it came from
+        source = json.loads(provenance.read_text()).get("source", {})
+        metadata["converted_from"] = {k: source.get(k) for k in ("backend", "path", "step")}
     policy = Policy(model.infer_fn, input_transforms, output_transforms, metadata,
                     input_spec=model.input_spec)
     policy.norm_stats = norm_stats  # for the normalize transforms of data-pipeline configs

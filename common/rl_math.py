@@ -94,7 +94,7 @@ def td_target(reward: Any, terminated: Any, next_value: Any, gamma: float) -> An
 
 def huber(xp: Any, error: Any, delta: float = 1.0) -> Any:
     abs_error = xp.abs(error)
-    quadratic = xp.minimum(abs_error, delta)
+    quadratic = xp.clip(abs_error, 0.0, delta)  # (torch.minimum takes no Python float)
     return 0.5 * quadratic * quadratic + delta * (abs_error - quadratic)
 
 

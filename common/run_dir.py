@@ -25,6 +25,8 @@ TRAIN_STATE_DIR = "train_state"
 ASSETS_DIR = "assets"
 CONFIG_FILE = "config.json"
 NORM_STATS_FILE = "norm_stats.json"
+PROVENANCE_FILE = "provenance.json"
+"""In a converted checkpoint's assets/: source path, backend, step, time, params digest."""
 
 
 class RunDirError(RuntimeError):

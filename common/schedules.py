@@ -28,6 +28,11 @@ def _linear(init: float, end: float, transition_steps: int, step: int) -> float:
     return (init - end) * (1.0 - count / transition_steps) + end
 
 
+def linear_schedule(init: float, end: float, transition_steps: int, step: int) -> float:
+    """optax.linear_schedule(init, end, transition_steps)(step), e.g. DQN's epsilon schedule."""
+    return _linear(init, end, transition_steps, step)
+
+
 def _cosine_decay(init: float, decay_steps: int, alpha: float, step: int) -> float:
     """optax.cosine_decay_schedule(init, decay_steps, alpha)(step)."""
     if decay_steps <= 0:

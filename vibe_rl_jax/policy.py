@@ -4,9 +4,12 @@ The params come from `<step>/params` as host numpy (`checkpoints.load_params`,
 whatever device mesh saved them) and are checked strictly against the network
 the resolved config describes: a missing, extra or mis-shaped parameter is one
 error listing them all. The forward pass is jitted: the observation
-normalizer saved with the params (when training normalised observations), the
-actor, then the greedy (Discrete) or mean (Box) action — or a sample from a
-seeded stream — with Box actions clipped to the action bounds as in training.
+normalizer saved with the params (when training normalised observations), then
+
+    PPO  the actor -> greedy (Discrete) or mean (Box) action, or a sample from a seeded
+         stream; Box actions clipped to the action bounds as in training
+    DQN  the Q network -> argmax Q (greedy; DQN has no sampling policy)
+    SAC  the actor -> tanh-squashed mean into the action bounds, or a squashed sample
 Batches are padded to the next power of two so a few compiled shapes (made
 during the Policy's warm-up) serve every batch size.
 """
@@ -21,10 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common.config import PPOConfig, TrainConfig
-from common.policy import ACTIONS_KEY, OBSERVATION_KEY, ArraySpec, CheckpointError, LoadedModel
+from common.config import TrainConfig
+from common.policy import (ACTIONS_KEY, OBSERVATION_KEY, ArraySpec, CheckpointError, LoadedModel,
+                           action_spec_metadata)
+from convert.families import Spaces
 from vibe_rl_jax import checkpoints, envs
-from vibe_rl_jax.networks import ActorCritic
+from vibe_rl_jax.distributions import DiagGaussian
+from vibe_rl_jax.networks import ActorCritic, QNetwork, SACActor
+from vibe_rl_jax.sac import squash
 
 
 def use_inline_cpu_execution() -> None:
@@ -49,11 +56,16 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
     return {prefix[:-1]: tuple(np.shape(tree))}
 
 
-def check_params(params: dict[str, Any], network: ActorCritic, obs_shape: tuple[int, ...],
-                 normalize_obs: bool, step_dir: pathlib.Path | str) -> None:
-    """Raise one CheckpointError listing every missing, unexpected or mis-shaped parameter."""
+def check_params(params: dict[str, Any], network: Any, obs_shape: tuple[int, ...],
+                 normalize_obs: bool, step_dir: pathlib.Path | str, scope: str | None = None) -> None:
+    """Raise one CheckpointError listing every missing, unexpected or mis-shaped parameter.
+
+    `scope` nests the network's params under one key (SAC saves `{"actor": ...}`).
+    """
     expected_tree = jax.eval_shape(network.init, jax.random.PRNGKey(0),
                                    jnp.zeros((1, *obs_shape), jnp.float32))["params"]
+    if scope is not None:
+        expected_tree = {scope: expected_tree}
     expected = {f"model/{k}": v for k, v in _flat(dict(expected_tree)).items()}
     if normalize_obs:
         expected.update({"obs_normalizer/mean": obs_shape, "obs_normalizer/var": obs_shape})
@@ -69,11 +81,49 @@ def check_params(params: dict[str, Any], network: ActorCritic, obs_shape: tuple[
             f"Wrong shape: {shapes or 'none'}.")
 
 
-def _action_metadata(spec: envs.ActionSpec) -> dict[str, Any]:
-    if spec.continuous:
-        return {"key": ACTIONS_KEY, "type": "box", "shape": [spec.dim], "dtype": "float32",
-                "low": spec.low.tolist(), "high": spec.high.tolist()}
-    return {"key": ACTIONS_KEY, "type": "discrete", "n": spec.dim, "shape": [], "dtype": "int32"}
+def spaces(config: TrainConfig) -> Spaces:
+    """The config's env spaces as convert/ declares network layouts with them."""
+    venv = envs.VecEnv(config.env.id, 1)
+    return Spaces(tuple(venv.obs_shape), venv.action_spec.dim, venv.action_spec.continuous)
+
+
+# (network, scope of its params in the checkpoint, action(model params, obs, key) -> action)
+def _ppo(config: TrainConfig, spec: envs.ActionSpec, deterministic: bool):
+    network = ActorCritic(spec.dim, spec.continuous, tuple(config.algo.hidden_sizes),
+                          config.algo.activation, config.algo.init_log_std)
+
+    def act(model, obs, key):
+        dist, _ = network.apply({"params": model}, obs)
+        action = dist.mode() if deterministic else dist.sample(key)
+        return jnp.clip(action, spec.low, spec.high) if spec.continuous else action
+
+    return network, None, act
+
+
+def _dqn(config: TrainConfig, spec: envs.ActionSpec, deterministic: bool):
+    if not deterministic:
+        raise CheckpointError("A DQN policy is greedy (argmax Q); it has no action distribution "
+                              "to sample. Serve it with deterministic actions (drop "
+                              "--no-deterministic).")
+    network = QNetwork(spec.dim, tuple(config.algo.hidden_sizes), config.algo.activation)
+    return network, None, lambda model, obs, key: jnp.argmax(
+        network.apply({"params": model}, obs), axis=-1)
+
+
+def _sac(config: TrainConfig, spec: envs.ActionSpec, deterministic: bool):
+    algo = config.algo
+    network = SACActor(spec.dim, tuple(algo.hidden_sizes), algo.activation, algo.log_std_min,
+                       algo.log_std_max)
+
+    def act(model, obs, key):
+        mean, log_std = network.apply({"params": model["actor"]}, obs)
+        pre_tanh = mean if deterministic else DiagGaussian(mean, log_std).sample(key)
+        return squash(pre_tanh, spec.low, spec.high)
+
+    return network, "actor", act
+
+
+_BUILDERS = {"ppo": _ppo, "dqn": _dqn, "sac": _sac}
 
 
 def _bucket(n: int) -> int:
@@ -83,34 +133,29 @@ def _bucket(n: int) -> int:
 def load_model(step_dir: pathlib.Path | str, config: TrainConfig, *, deterministic: bool = True,
                seed: int = 0) -> LoadedModel:
     """Params of `step_dir` + the network of `config` -> a batched `{"observation"} -> {"actions"}`."""
-    if not isinstance(config.algo, PPOConfig):
-        raise CheckpointError(f"No JAX policy loader for algo kind {config.algo.kind!r} yet.")
+    if config.algo.kind == "flow":  # imitation chunk policies (norm stats from assets/)
+        from vibe_rl_jax import flow
+        return flow.load_model(step_dir, config, deterministic=deterministic, seed=seed)
+    build = _BUILDERS.get(config.algo.kind)
+    if build is None:
+        raise CheckpointError(f"No JAX policy loader for algo kind {config.algo.kind!r}; known: "
+                              f"{', '.join(sorted(_BUILDERS))}.")
     venv = envs.VecEnv(config.env.id, 1)  # the observation shape and action space training used
     spec = venv.action_spec
     obs_shape = tuple(venv.obs_shape)
-    network = ActorCritic(spec.dim, spec.continuous, tuple(config.algo.hidden_sizes),
-                          config.algo.activation, config.algo.init_log_std)
+    network, scope, act = build(config, spec, deterministic)
     params = checkpoints.load_params(step_dir)
-    check_params(params, network, obs_shape, config.env.normalize_obs, step_dir)
+    check_params(params, network, obs_shape, config.env.normalize_obs, step_dir, scope)
 
     device_params = jax.device_put({"model": params["model"],
                                     "obs_normalizer": params.get("obs_normalizer")})
-    low = None if spec.low is None else jnp.asarray(spec.low)
-    high = None if spec.high is None else jnp.asarray(spec.high)
     base_key = jax.random.PRNGKey(seed)
 
     @jax.jit
     def forward(p: dict[str, Any], obs: jax.Array, call_index: jax.Array) -> jax.Array:
         if p["obs_normalizer"] is not None:
             obs = envs.normalize(obs, p["obs_normalizer"]["mean"], p["obs_normalizer"]["var"])
-        dist, _ = network.apply({"params": p["model"]}, obs)
-        if deterministic:
-            action = dist.mode()
-        else:
-            action = dist.sample(jax.random.fold_in(base_key, call_index))
-        if spec.continuous:
-            action = jnp.clip(action, low, high)
-        return action
+        return act(p["model"], obs, jax.random.fold_in(base_key, call_index))
 
     calls = itertools.count()
 
@@ -126,5 +171,6 @@ def load_model(step_dir: pathlib.Path | str, config: TrainConfig, *, determinist
     return LoadedModel(
         infer_fn=infer_fn,
         input_spec={OBSERVATION_KEY: ArraySpec(obs_shape, "float32")},
-        metadata={"action_spec": _action_metadata(spec)},
+        metadata={"action_spec": action_spec_metadata(spec.continuous, spec.dim, spec.low,
+                                                      spec.high)},
     )

@@ -7,28 +7,27 @@ canonical flat names of DESIGN.md (contract 3):
     actor.head.bias                  <->  actor/head/bias
     critic.dense_1.weight            <->  critic/dense_1/kernel
     log_std                          <->  log_std          (Box actions only)
+    q.dense_0.weight                 <->  q/dense_0/kernel      (QNetwork, DQN)
+    actor.mean.weight                <->  actor/mean/kernel     (SACActor; also actor/log_std/...)
+    critic_1.head.bias               <->  critic_1/head/bias    (TwinCritic, SAC)
 
-`canonical_params` and `load_canonical` are that map; loading is strict.
+`canonical_params` and `load_canonical` are that map (convert/torch_modules.py, the one
+implementation of it); loading is strict.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from convert import torch_modules
+from convert.canonical import CanonicalParamsError  # noqa: F401 - raised by load_canonical
+
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
-
-
-class CanonicalParamsError(KeyError):
-    """A canonical parameter dict does not fit the module (missing, unexpected or mis-shaped keys)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 def _orthogonal_linear(in_dim: int, out_dim: int, gain: float,
@@ -93,66 +92,89 @@ class ActorCritic(nn.Module):
         return torch.distributions.Categorical(logits=out, validate_args=False)
 
 
-# ------------------------------------------------------------------ canonical names
-def _canonical_entries(module: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
-    """canonical name -> (native parameter, transposed?) for every parameter of `module`."""
-    entries: dict[str, tuple[torch.Tensor, bool]] = {}
-    linear_params = set()
-    for path, sub in module.named_modules():
-        if isinstance(sub, nn.Linear):
-            base = path.replace(".", "/")
-            entries[f"{base}/kernel"] = (sub.weight, True)
-            linear_params.add(id(sub.weight))
-            if sub.bias is not None:
-                entries[f"{base}/bias"] = (sub.bias, False)
-                linear_params.add(id(sub.bias))
-    for name, param in module.named_parameters():
-        if id(param) in linear_params:
-            continue
-        if "." in name:
-            raise TypeError(f"No canonical name for parameter {name!r} "
-                            f"(only Linear layers and top-level parameters are mapped).")
-        entries[name] = (param, False)
-    return entries
+# ------------------------------------------------------------------ off-policy networks
+def _lecun_linear(in_dim: int, out_dim: int, generator: torch.Generator | None) -> nn.Linear:
+    """flax `nn.Dense`'s default init: truncated-normal lecun kernel (variance 1/fan_in), zero bias."""
+    layer = nn.Linear(in_dim, out_dim)
+    # flax variance_scaling(1, fan_in, truncated_normal): N(0, s) cut at +-2 s, s rescaled so the
+    # truncated distribution has variance 1/fan_in (0.8796... = std of a unit normal cut at +-2).
+    std = math.sqrt(1.0 / in_dim) / 0.87962566103423978
+    nn.init.trunc_normal_(layer.weight, std=std, a=-2 * std, b=2 * std, generator=generator)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
-def canonical_params(module: nn.Module) -> dict[str, np.ndarray]:
-    """Flat `{canonical name: float32 numpy array}`; Linear weights become (in, out) kernels."""
-    out = {}
-    for name, (param, transpose) in _canonical_entries(module).items():
-        value = param.detach().to("cpu", torch.float32)
-        out[name] = np.ascontiguousarray((value.T if transpose else value).numpy())
-    return out
+class QNetwork(nn.Module):
+    """Q(s, .) for discrete actions (vibe_rl_jax.networks.QNetwork): `q/dense_<i>/...`, `q/head/...`."""
+
+    def __init__(self, obs_dim: int, num_actions: int, hidden_sizes: Sequence[int] = (120, 84),
+                 activation: str = "relu", generator: torch.Generator | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        self.q = MLP(obs_dim, hidden_sizes, num_actions, activation, 1.0, generator)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.q(obs)
 
 
-def load_canonical(module: nn.Module, flat: Mapping[str, np.ndarray]) -> None:
-    """Copy a canonical dict into `module` in place; strict.
+class SACActor(nn.Module):
+    """Mean and log-std of the pre-tanh Gaussian (vibe_rl_jax.networks.SACActor, same math).
 
-    Every parameter must be present with the right shape and nothing else may
-    be: otherwise one CanonicalParamsError lists all missing, unexpected and
-    mis-shaped keys, and the module is left untouched.
+    log_std = min + (max - min) (tanh(h) + 1) / 2 (CleanRL's squashing, not a hard clip).
+    Canonical names `actor/dense_<i>/...`, `actor/mean/...`, `actor/log_std/...`; flax
+    `Dense`'s default (lecun-normal) init, as on the JAX side.
     """
-    entries = _canonical_entries(module)
-    missing = sorted(set(entries) - set(flat))
-    unexpected = sorted(set(flat) - set(entries))
-    misshaped = []
-    for name in sorted(set(entries) & set(flat)):
-        param, transpose = entries[name]
-        want = tuple(param.shape[::-1]) if transpose else tuple(param.shape)
-        got = tuple(np.shape(flat[name]))
-        if got != want:
-            misshaped.append(f"{name}: expected {want}, got {got}")
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {', '.join(unexpected)}")
-        if misshaped:
-            parts.append(f"mis-shaped keys: {'; '.join(misshaped)}")
-        raise CanonicalParamsError(
-            f"Canonical params do not fit {type(module).__name__}: " + " | ".join(parts))
-    with torch.no_grad():
-        for name, (param, transpose) in entries.items():
-            value = torch.as_tensor(np.asarray(flat[name]), dtype=param.dtype)
-            param.copy_(value.T if transpose else value)
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int] = (256, 256),
+                 activation: str = "relu", log_std_min: float = -5.0, log_std_max: float = 2.0,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        layers: dict[str, nn.Module] = {}
+        in_dim = obs_dim
+        for i, width in enumerate(hidden_sizes):
+            layers[f"dense_{i}"] = _lecun_linear(in_dim, width, generator)
+            in_dim = width
+        layers["mean"] = _lecun_linear(in_dim, action_dim, generator)
+        layers["log_std"] = _lecun_linear(in_dim, action_dim, generator)
+        self.actor = nn.ModuleDict(layers)
+        self._act = ACTIVATIONS[activation]
+        self._hidden = tuple(layers[f"dense_{i}"] for i in range(len(hidden_sizes)))
+        self.log_std_min = float(log_std_min)
+        self.log_std_max = float(log_std_max)
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = obs
+        for layer in self._hidden:
+            x = self._act(F.linear(x, layer.weight, layer.bias))
+        mean_layer, log_std_layer = self.actor["mean"], self.actor["log_std"]
+        mean = F.linear(x, mean_layer.weight, mean_layer.bias)
+        log_std = torch.tanh(F.linear(x, log_std_layer.weight, log_std_layer.bias))
+        log_std = self.log_std_min + 0.5 * (self.log_std_max - self.log_std_min) * (log_std + 1.0)
+        return mean, log_std
+
+
+class TwinCritic(nn.Module):
+    """Two independent Q(s, a) MLPs on concat(obs, action): `critic_0/...`, `critic_1/...`."""
+
+    def __init__(self, obs_dim: int, action_dim: int, hidden_sizes: Sequence[int] = (256, 256),
+                 activation: str = "relu", generator: torch.Generator | None = None):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+        in_dim = obs_dim + action_dim
+        self.critic_0 = MLP(in_dim, hidden_sizes, 1, activation, 1.0, generator)
+        self.critic_1 = MLP(in_dim, hidden_sizes, 1, activation, 1.0, generator)
+
+    def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([obs, action], dim=-1)
+        return self.critic_0(x)[..., 0], self.critic_1(x)[..., 0]
+
+
+# ------------------------------------------------------------------ canonical names
+# The map lives in convert/ (one implementation for every family and both directions):
+# Linear weight (out, in) <-> kernel (in, out), conv OIHW <-> HWIO, LayerNorm weight <-> scale.
+canonical_params = torch_modules.canonical_params
+load_canonical = torch_modules.load_canonical

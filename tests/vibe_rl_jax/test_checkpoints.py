@@ -26,9 +26,11 @@ _BIG_SAVE = r"""
 import resource, sys, jax, jax.numpy as jnp
 from vibe_rl_jax import checkpoints
 def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-# A replay-buffer-sized state: 1e6 transitions x 100 float32 = 400 MB.
-state = {"buffer": jax.jit(lambda: jnp.ones((1_000_000, 100), jnp.float32))()}
-state["buffer"].block_until_ready()
+# A replay-buffer-sized state: 1e6 transitions x 100 float32 = 400 MB, made in 8 pieces so
+# that making it never peaks far above its own size (the peak RSS is what is compared).
+make = jax.jit(lambda: jnp.ones((125_000, 100), jnp.float32))
+state = {f"buffer_{i}": make() for i in range(8)}
+jax.block_until_ready(state)
 limit = int(sys.argv[2]) if len(sys.argv) > 2 else 256 * 2**20
 writer = checkpoints.CheckpointWriter(sys.argv[1], max_to_keep=1, keep_period=None,
                                       background_max_bytes=limit)
@@ -50,9 +52,10 @@ def test_large_state_saves_without_doubling_memory(tmp_path):
     out = run_script([str(script), str(tmp_path / "run")], env={"JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     increase = float(out.stdout.split("INCREASE_MB")[1])
-    assert increase < 150, f"peak RSS grew by {increase:.0f} MB while saving a 400 MB state"
+    assert increase < 100, f"peak RSS grew by {increase:.0f} MB while saving a 400 MB state"
     assert rd.complete_steps(tmp_path / "run") == [1]
     # Control: forced into the background, the same save does double the state's memory.
     out = run_script([str(script), str(tmp_path / "run2"), str(2**40)], env={"JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert float(out.stdout.split("INCREASE_MB")[1]) > 300
+    # (400 MB when nothing else runs; less when the save outpaces the next chunk on a loaded box)
+    assert float(out.stdout.split("INCREASE_MB")[1]) > 150
