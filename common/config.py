@@ -234,8 +234,65 @@ class SACConfig:
                 f"--algo.hidden-sizes must be one or more positive widths, got {self.hidden_sizes!r}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class FlowConfig:
+    """Imitation: a flow-matching action-chunk policy (pi0's recipe) or its mean-regression baseline."""
+
+    kind: tyro.conf.Suppress[Literal["flow"]] = "flow"
+    """Tag of this member of the algorithm union."""
+    mode: Literal["flow", "regression"] = "flow"
+    """flow: learn the velocity field and sample chunks; regression: predict the chunk by MSE."""
+    encoder_sizes: tuple[int, ...] = (128,)
+    """Hidden widths of the observation encoder (an MLP on the state)."""
+    hidden_sizes: tuple[int, ...] = (256, 256)
+    """Hidden widths of the action expert MLP."""
+    time_embed_dim: int = 32
+    """Width of the sinusoidal time embedding (flow mode; even)."""
+    activation: Literal["relu", "silu", "gelu"] = "silu"
+    """Hidden activation (gelu is the exact, erf form on both backends)."""
+    num_steps: int = 10_000
+    """Training steps (one batch of --data.batch-size samples each); replaces --total-timesteps."""
+    lr: float = 3e-4
+    """Peak learning rate of AdamW (linear warmup, then cosine decay to 0 at num_steps)."""
+    warmup_steps: int = 500
+    """Steps of linear learning-rate warmup."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clip."""
+    num_integration_steps: int = 10
+    """Euler steps from t=1 (noise) to t=0 (actions) when sampling a chunk."""
+    execute_horizon: int = 4
+    """Receding horizon k: execute the first k actions of each predicted chunk, then replan."""
+    ema_decay: float | None = None
+    """EMA of the weights (e.g. 0.999); the EMA weights are saved as the inference params. None: off."""
+    eval_episodes: int = 100
+    """Evaluation episodes at the end of training (0: no evaluation)."""
+    eval_interval: int | None = None
+    """Also evaluate every this many steps (a multiple of --log-interval); None: only at the end."""
+    eval_env_id: str | None = None
+    """gymnasium env id to evaluate in; None: --env.id."""
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "algo.", "lr", "num_steps", "max_grad_norm", "time_embed_dim",
+                          "num_integration_steps", "execute_horizon", "eval_interval")
+        if self.time_embed_dim % 2:
+            raise ConfigError(f"--algo.time-embed-dim must be even, got {self.time_embed_dim}.")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.eval_episodes < 0:
+            raise ConfigError("--algo.warmup-steps, --algo.weight-decay and --algo.eval-episodes "
+                              "must be >= 0.")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"--algo.ema-decay must be in (0, 1) (or None for no EMA), "
+                              f"got {self.ema_decay!r}.")
+        for name in ("encoder_sizes", "hidden_sizes"):
+            sizes = getattr(self, name)
+            if not sizes or any(h <= 0 for h in sizes):
+                raise ConfigError(f"--algo.{name.replace('_', '-')} must be one or more positive "
+                                  f"widths, got {sizes!r}.")
+
+
 # The tagged union of algorithm configs (the preset picks the member; `kind` is the tag).
-AlgoConfig = Union[PPOConfig, DQNConfig, SACConfig]
+AlgoConfig = Union[PPOConfig, DQNConfig, SACConfig, FlowConfig]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +335,8 @@ class TrainConfig:
     """Environment."""
     algo: AlgoConfig = dataclasses.field(default_factory=PPOConfig)
     """Algorithm and its hyperparameters (the preset chooses which)."""
+    data: lerobot_data.DataConfig | None = None
+    """Demonstration dataset of imitation presets (algo kind flow); None for RL."""
 
     def __post_init__(self) -> None:
         if self.resume and self.overwrite:
@@ -301,6 +360,18 @@ class TrainConfig:
                 raise ConfigError(
                     f"--total-timesteps ({self.total_timesteps}) is smaller than one update "
                     f"(--env.num-envs x --algo.num-steps = {batch}).")
+        elif isinstance(self.algo, FlowConfig):
+            if self.data is None:
+                raise ConfigError("Imitation (algo kind flow) needs a dataset: the preset's data "
+                                  "config, e.g. --data.root data/two_goal.")
+            if self.algo.execute_horizon > self.data.action_horizon:
+                raise ConfigError(
+                    f"--algo.execute-horizon ({self.algo.execute_horizon}) must not exceed the "
+                    f"chunk length --data.action-horizon ({self.data.action_horizon}).")
+            if self.algo.eval_interval is not None and self.algo.eval_interval % self.log_interval:
+                raise ConfigError(
+                    f"--algo.eval-interval ({self.algo.eval_interval}) must be a multiple of "
+                    f"--log-interval ({self.log_interval}).")
         elif self.total_timesteps < self.steps_per_update:
             raise ConfigError(
                 f"--total-timesteps ({self.total_timesteps}) is smaller than one update "
@@ -315,6 +386,8 @@ class TrainConfig:
         """Environment steps collected per update (all envs together)."""
         if isinstance(self.algo, PPOConfig):
             return self.env.num_envs * self.algo.num_steps
+        if isinstance(self.algo, FlowConfig):  # samples per training step (per process)
+            return self.data.batch_size if self.data is not None else 1
         return self.env.num_envs * self.algo.train_frequency
 
     @property
@@ -324,6 +397,9 @@ class TrainConfig:
 
     @property
     def num_updates(self) -> int:
+        """Updates of the run; for imitation the training steps (--algo.num-steps)."""
+        if isinstance(self.algo, FlowConfig):
+            return self.algo.num_steps
         return self.total_timesteps // self.steps_per_update
 
 
@@ -332,7 +408,7 @@ def to_dict(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
-_ALGO_BY_KIND = {"ppo": PPOConfig, "dqn": DQNConfig, "sac": SACConfig}
+_ALGO_BY_KIND = {"ppo": PPOConfig, "dqn": DQNConfig, "sac": SACConfig, "flow": FlowConfig}
 
 
 def from_dict(data: dict[str, Any]) -> TrainConfig:
@@ -346,4 +422,16 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     for key, value in list(algo.items()):
         if isinstance(value, list):
             algo[key] = tuple(value)
-    return TrainConfig(env=EnvConfig(**data.pop("env")), algo=algo_cls(**algo), **data)
+    dataset = data.pop("data", None)
+    if dataset is not None:
+        dataset = lerobot_data.DataConfig(**{key: tuple(value) if isinstance(value, list) else value
+                                             for key, value in dataset.items()})
+    return TrainConfig(env=EnvConfig(**data.pop("env")), algo=algo_cls(**algo), data=dataset,
+                       **data)
+
+
+# At the end, as a module (not `from ... import DataConfig`): lerobot_data imports ConfigError
+# from here, so whichever of the two is imported first, the other is complete by the time
+# TrainConfig's annotations are resolved (tyro) or from_dict runs. lerobot_data imports lerobot
+# (and torch) lazily, so common stays framework-free.
+from common import lerobot_data  # noqa: E402

@@ -21,6 +21,10 @@ EPISODE_RETURN = "train/episode_return"
 EPISODE_LENGTH = "train/episode_length"
 LEARNING_RATE = "train/learning_rate"
 SPS = "perf/sps"
+DATA_WAIT_FRAC = "perf/data_wait_frac"
+"""Share of the training loop's wall time spent waiting for the next batch (imitation)."""
+EVAL_RETURN = "eval/episode_return"
+EVAL_SUCCESS_RATE = "eval/success_rate"
 LOSS_PREFIX = "train/loss/"
 
 

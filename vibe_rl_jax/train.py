@@ -41,6 +41,9 @@ class TrainResult:
 
 def validate(config: TrainConfig) -> None:
     """Backend-specific checks that the config tree cannot do without importing gymnax."""
+    if config.algo.kind == "flow":  # imitation: a gymnasium eval env, no gymnax env
+        from vibe_rl_jax import imitation
+        return imitation.validate(config)
     envs.check_env_id(config.env.id)
 
 
@@ -71,6 +74,9 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     `stop_at` ends the run early after that many updates (saving a checkpoint there),
     as an interruption would, without changing the config or its schedules.
     """
+    if config.algo.kind == "flow":  # imitation learning from a dataset: its own loop
+        from vibe_rl_jax import imitation
+        return imitation.train(config, stop_at=stop_at)
     validate(config)
     is_primary = jax.process_index() == 0
     run_dir = config.run_dir

@@ -2,9 +2,13 @@
 
     <run_dir>/<step>/params/model.safetensors   canonical names (+ obs_normalizer/{mean,var})
     <run_dir>/<step>/train_state/trainer.pt     optimizer, LR scheduler, update step, world size
+                                                (DQN/SAC: + target networks, critics, log_alpha)
     <run_dir>/<step>/train_state/rank_<r>.pkl   per rank: envs (pickled gymnasium state),
                                                 current obs, episode counters, obs statistics,
                                                 action/shuffle generators, torch/numpy/python RNG
+                                                (DQN/SAC: + replay cursor, sampling generator)
+    <run_dir>/<step>/train_state/replay_rank_<r>/   DQN/SAC: rank r's replay buffer, one .npy per
+                                                field (vibe_rl_torch.replay)
     <run_dir>/<step>/assets/config.json         the resolved config
 
 A step is written under `<step>.tmp-<uuid>`, every file fsynced, then renamed
@@ -16,7 +20,10 @@ the rule orbax applies on the JAX side.
 The caller serialises everything to bytes before `CheckpointWriter.save`
 returns, so the background write never races the training loop; a failed
 background write is re-raised at the next save (or at `wait`), stopping
-training loudly.
+training loudly. A file may instead be given as a writer (a function that
+writes into the open file): that is how a large replay buffer goes to disk
+straight from its tensors, without a serialised second copy. Writers read live
+state, so a step that has one is written before `save` returns.
 
 `rank_<r>.pkl` holds pickled Python objects (the gymnasium envs): load
 checkpoints only from run directories you trust, as with any pickle.
@@ -32,7 +39,7 @@ import pathlib
 import pickle
 import shutil
 import uuid
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import safetensors.numpy
@@ -42,6 +49,10 @@ from common import run_dir as run_dir_lib
 
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
+
+
+# A file's content: bytes, or a writer that streams it into the open (binary) file.
+FileContent = Union[bytes, Callable[[Any], None]]
 
 
 def rank_file(rank: int) -> str:
@@ -105,7 +116,8 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-def write_step(run_dir: pathlib.Path | str, step: int, files: Mapping[str, bytes]) -> pathlib.Path:
+def write_step(run_dir: pathlib.Path | str, step: int,
+               files: Mapping[str, FileContent]) -> pathlib.Path:
     """Write one step directory atomically; returns its path."""
     run_dir = pathlib.Path(run_dir)
     final = run_dir_lib.step_dir(run_dir, step)
@@ -115,7 +127,10 @@ def write_step(run_dir: pathlib.Path | str, step: int, files: Mapping[str, bytes
         path = tmp / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
     for sub in sorted({p.parent for p in tmp.rglob("*") if p.is_file()} - {tmp}, reverse=True):
@@ -157,14 +172,17 @@ class CheckpointWriter:
                       if async_save else None)
         self._pending: concurrent.futures.Future | None = None
 
-    def _write(self, step: int, files: Mapping[str, bytes]) -> None:
+    def _write(self, step: int, files: Mapping[str, FileContent]) -> None:
         write_step(self.run_dir, step, files)
         prune(self.run_dir, self.max_to_keep, self.keep_period)
 
-    def save(self, step: int, files: Mapping[str, bytes]) -> None:
-        """Start writing `step`; first re-raises the error of an earlier background save."""
+    def save(self, step: int, files: Mapping[str, FileContent]) -> None:
+        """Start writing `step`; first re-raises the error of an earlier background save.
+
+        With a writer among the files the step is written now, in this thread.
+        """
         self.check_for_errors()
-        if self._pool is None:
+        if self._pool is None or any(callable(data) for data in files.values()):
             self._write(step, files)
         else:
             self._pending = self._pool.submit(self._write, step, dict(files))

@@ -120,6 +120,9 @@ _BUILDERS = {"ppo": _ppo, "dqn": _dqn, "sac": _sac}
 def load_model(step_dir: pathlib.Path | str, config: TrainConfig, *, deterministic: bool = True,
                seed: int = 0) -> LoadedModel:
     """Params of `step_dir` + the network of `config` -> batched `{"observation"} -> {"actions"}`."""
+    if config.algo.kind == "flow":  # imitation chunk policies (norm stats from assets/)
+        from vibe_rl_torch import flow
+        return flow.load_model(step_dir, config, deterministic=deterministic, seed=seed)
     build = _BUILDERS.get(config.algo.kind)
     if build is None:
         raise CheckpointError(f"No Torch policy loader for algo kind {config.algo.kind!r}; "

@@ -1,4 +1,5 @@
-"""The Torch training loop: a Lightning Trainer over PPO updates, on one process or under torchrun.
+"""The Torch training loop: a Lightning Trainer over PPO, DQN or SAC updates, on one process or
+under torchrun.
 
 `train(config)` mirrors vibe_rl_jax/train.py: the same run-directory rules
 (`common.run_dir.initialize_run_dir`), the same TensorBoard tags, console line
@@ -12,7 +13,9 @@ own seed stream; metrics are summed over ranks before logging; only rank 0
 writes logs and checkpoints (the other ranks' env/RNG state is gathered to
 it, so a resumed DDP run continues exactly) and only rank 0 reads them back,
 sending each rank its part, so the nodes of a multi-node run need no shared
-filesystem.
+filesystem. DQN/SAC replay buffers travel the same way, streamed in chunks
+(vibe_rl_torch.replay); a buffer over `replay.BACKGROUND_MAX_BYTES` is written
+synchronously, straight from its tensors.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import dataclasses
 import logging
 import math
 import os
+import pathlib
 import pickle
 import random
 import time
@@ -38,8 +42,9 @@ from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common.config import ConfigError, PPOConfig, TrainConfig
 from common.run_dir import RunDirError
-from vibe_rl_torch import checkpoints, distributed, envs, networks
+from vibe_rl_torch import checkpoints, distributed, envs, networks, offpolicy, replay
 from vibe_rl_torch.distributed import DistInfo, LaunchError
+from vibe_rl_torch.offpolicy import OffPolicyModule
 from vibe_rl_torch.ppo import LOSS_NAMES, PPO
 
 logger = logging.getLogger("vibe_rl")
@@ -53,30 +58,61 @@ class TrainResult:
     run_dir: Any
     final_step: int
     params: dict[str, np.ndarray]  # canonical inference params (+ obs_normalizer/{mean,var})
-    module: PPO
+    module: PPO | OffPolicyModule
     history: list[dict[str, float]]
     train_seconds: float  # wall time of the update loop (Lightning/env set-up excluded)
 
 
 def validate(config: TrainConfig) -> None:
-    """Backend checks the config tree cannot do: the algorithm, the gymnasium id, the split over ranks."""
-    if not isinstance(config.algo, PPOConfig):
-        raise ConfigError(
-            f"--backend torch trains PPO only in this version; preset {config.name!r} uses "
-            f"{config.algo.kind}. Use --backend jax for it.")
+    """Backend checks the config tree cannot do: the gymnasium id, the action space, the split
+    over ranks."""
+    if config.algo.kind == "flow":  # imitation from a dataset: its own loop
+        from vibe_rl_torch import imitation
+        return imitation.validate(config)
     envs.check_env_id(config.env.id)
-    distributed.check_config(distributed.from_environment(), config)
+    info = distributed.from_environment()
+    distributed.check_config(info, config)
+    if not isinstance(config.algo, PPOConfig):
+        offpolicy.check_config(config, info)
+
+
+def _make_module(config: TrainConfig, venv: envs.VecEnv, rank_seed: int, info: DistInfo,
+                 accelerator: str) -> PPO | OffPolicyModule:
+    """The algorithm's LightningModule, by the tag of the config's algo member."""
+    if isinstance(config.algo, PPOConfig):
+        return PPO(config, venv, rank_seed=rank_seed)
+    device = torch.device("cuda", info.local_rank) if accelerator == "gpu" else torch.device("cpu")
+    return _offpolicy_class(config)(config, venv, rank_seed=rank_seed,
+                                    world_size=info.world_size, device=device)
+
+
+def _offpolicy_class(config: TrainConfig) -> type[OffPolicyModule]:
+    kind = config.algo.kind
+    if kind == "dqn":
+        from vibe_rl_torch.dqn import DQN
+        return DQN
+    if kind == "sac":
+        from vibe_rl_torch.sac import SAC
+        return SAC
+    raise ConfigError(f"No Torch implementation of algo.kind={kind!r}.")
+
+
+def _episode_metrics(sums: dict[str, float], num_updates: int, seconds: float,
+                     batch_size: int) -> dict[str, float]:
+    count = sums["episode_count"]
+    return {
+        metrics_lib.EPISODE_RETURN: sums["episode_return_sum"] / count if count else math.nan,
+        metrics_lib.EPISODE_LENGTH: sums["episode_length_sum"] / count if count else math.nan,
+        metrics_lib.SPS: num_updates * batch_size / max(seconds, 1e-9),
+    }
 
 
 def chunk_metrics(sums: dict[str, float], num_updates: int, step: int, seconds: float,
                   learning_rate: float, batch_size: int) -> dict[str, float]:
     """The JAX backend's `_chunk_metrics`, tag for tag (sums are over ranks and updates)."""
-    count = sums["episode_count"]
     out = {
-        metrics_lib.EPISODE_RETURN: sums["episode_return_sum"] / count if count else math.nan,
-        metrics_lib.EPISODE_LENGTH: sums["episode_length_sum"] / count if count else math.nan,
+        **_episode_metrics(sums, num_updates, seconds, batch_size),
         metrics_lib.LEARNING_RATE: learning_rate,
-        metrics_lib.SPS: num_updates * batch_size / max(seconds, 1e-9),
         "train/approx_kl": sums["approx_kl"] / num_updates,
         "train/clip_fraction": sums["clip_fraction"] / num_updates,
     }
@@ -85,9 +121,14 @@ def chunk_metrics(sums: dict[str, float], num_updates: int, step: int, seconds: 
     return out
 
 
-def inference_params(module: PPO) -> dict[str, np.ndarray]:
-    """What `params/model.safetensors` holds: canonical weights plus observation statistics."""
-    params = networks.canonical_params(module.network)
+def _inference_network(module: PPO | OffPolicyModule) -> torch.nn.Module:
+    return module.network if isinstance(module, PPO) else module.inference_network
+
+
+def inference_params(module: PPO | OffPolicyModule) -> dict[str, np.ndarray]:
+    """What `params/model.safetensors` holds: canonical weights plus observation statistics
+    (PPO: the actor-critic; DQN: the online Q network; SAC: the actor)."""
+    params = networks.canonical_params(_inference_network(module))
     stats = module.venv.obs_normalizer()
     if stats is not None:
         params.update({f"{OBS_NORMALIZER}/{k}": v for k, v in stats.items()})
@@ -118,9 +159,9 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _param_fingerprint(module: PPO) -> tuple[float, float]:
-    with torch.no_grad():
-        flat = torch.cat([p.detach().double().flatten().cpu() for p in module.network.parameters()])
+def _param_fingerprint(module: PPO | OffPolicyModule) -> tuple[float, float]:
+    with torch.no_grad():  # every parameter: for DQN/SAC also targets, critics, temperature
+        flat = torch.cat([p.detach().double().flatten().cpu() for p in module.parameters()])
     return float(flat.sum()), float((flat * flat).sum())
 
 
@@ -164,7 +205,8 @@ class _Bookkeeper(L.Callback):
                  config_dict: dict[str, Any]):
         self.config, self.info, self.end = config, info, end
         self.writer, self.saver, self.config_dict = writer, saver, config_dict
-        self.keys = _EPISODE_KEYS + LOSS_NAMES
+        self.keys = _EPISODE_KEYS + (LOSS_NAMES if isinstance(config.algo, PPOConfig)
+                                     else _offpolicy_class(config).METRIC_KEYS)
         self.sums = np.zeros(len(self.keys))
         self.updates = 0
         self.history: list[dict[str, float]] = []
@@ -185,11 +227,16 @@ class _Bookkeeper(L.Callback):
     def _log(self, module: PPO, step: int) -> None:
         totals = distributed.all_reduce_sum(self.sums)
         sums = dict(zip(self.keys, totals.tolist()))
-        for name in LOSS_NAMES:  # losses are means: average them over ranks
-            sums[name] /= self.info.world_size
         now = time.perf_counter()
-        scalars = chunk_metrics(sums, self.updates, step, now - self.last_time,
-                                module.learning_rate(step), self.config.batch_size)
+        if isinstance(module, PPO):
+            for name in LOSS_NAMES:  # losses are means: average them over ranks
+                sums[name] /= self.info.world_size
+            scalars = chunk_metrics(sums, self.updates, step, now - self.last_time,
+                                    module.learning_rate(step), self.config.batch_size)
+        else:  # learning metrics are averaged over the updates and ranks that learned
+            scalars = {**_episode_metrics(sums, self.updates, now - self.last_time,
+                                          self.config.steps_per_update),
+                       **module.chunk_metrics(sums, self.updates, step)}
         self.last_time = now
         self.sums[:] = 0
         self.updates = 0
@@ -198,15 +245,29 @@ class _Bookkeeper(L.Callback):
         self.writer.progress(step, self.config.num_updates, scalars[metrics_lib.SPS],
                              scalars[metrics_lib.EPISODE_RETURN])
 
-    def save(self, module: PPO, step: int) -> None:
-        """Gather every rank's state to rank 0, which writes the step directory."""
-        mine = pickle.dumps({"env": module.venv.state_dict(), "rng": module.rng_state(),
-                             "global_rng": _global_rng_state(),
-                             "fingerprint": _param_fingerprint(module)})
-        gathered = distributed.gather_to_primary(mine)
+    def save(self, module: PPO | OffPolicyModule, step: int) -> None:
+        """Gather every rank's state to rank 0, which writes the step directory.
+
+        A DQN/SAC replay buffer up to `replay.BACKGROUND_MAX_BYTES` per rank travels as bytes
+        with its rank's state; a larger one is streamed from its tensors (rank 0's) or over the
+        process group (the others') while rank 0 writes the step, before training continues.
+        """
+        offpol = isinstance(module, OffPolicyModule)
+        state = {"env": module.venv.state_dict(), "rng": module.rng_state(),
+                 "global_rng": _global_rng_state(), "fingerprint": _param_fingerprint(module)}
+        stream = offpol and module.buffer.nbytes > replay.BACKGROUND_MAX_BYTES
+        replay_files = {}
+        if offpol:
+            state["replay"] = module.buffer.cursor()
+            if not stream:
+                replay_files = replay.buffer_files(module.buffer, self.info.rank, stream=False)
+        gathered = distributed.gather_to_primary((pickle.dumps(state), replay_files))
         if not self.info.is_primary:
+            if stream:
+                replay.send_buffer(module.buffer)
             return
-        fingerprints = {pickle.loads(blob)["fingerprint"] for blob in gathered}
+        blobs = [blob for blob, _ in gathered]
+        fingerprints = {pickle.loads(blob)["fingerprint"] for blob in blobs}
         if len(fingerprints) > 1:
             raise RuntimeError(f"DDP ranks hold different parameters at update {step} "
                                f"({sorted(fingerprints)}): gradients were not synchronised.")
@@ -215,9 +276,21 @@ class _Bookkeeper(L.Callback):
                          "obs_rms": None if rms is None else
                          {k: torch.as_tensor(v) for k, v in rms.state_dict().items()},
                          **module.optimizer_state()}
+        if offpol:
+            trainer_state["algo_state"] = module.algo_state()
         files = checkpoints.step_files(params=inference_params(module),
-                                       trainer_state=trainer_state, rank_states=gathered,
+                                       trainer_state=trainer_state, rank_states=blobs,
                                        config=self.config_dict)
+        if offpol:
+            buffers = {}
+            for rank, (_, rank_files) in enumerate(gathered):
+                buffers.update(rank_files)
+            if stream:
+                buffers.update(replay.buffer_files(module.buffer, 0, stream=True))
+                for rank in range(1, self.info.world_size):
+                    buffers.update(replay.receiving_files(module.buffer, rank))
+            files.update({f"{run_dir_lib.TRAIN_STATE_DIR}/{rel}": content
+                          for rel, content in buffers.items()})
         self.saver.save(step, files)
 
 
@@ -244,13 +317,43 @@ def _read_checkpoint(run_dir, info: DistInfo) -> tuple[Any, dict, dict, dict, di
     return (*payload[1], rank_state)
 
 
-def _restore(module: PPO, config: TrainConfig, info: DistInfo, run_dir) -> None:
-    """Load the latest step into the module, its optimizer and this rank's envs and RNGs."""
+def _restore_replay(module: OffPolicyModule, step_dir, rank_state: dict | None,
+                    info: DistInfo) -> None:
+    """Every rank's buffer from its files: rank 0 reads its own and streams the others theirs."""
+    train_state = pathlib.Path(step_dir) / run_dir_lib.TRAIN_STATE_DIR
+    verdict: tuple[str, Any] | None = None
+    if info.is_primary:
+        try:
+            replay.check_files(train_state, module.buffer, info.world_size)
+            verdict = ("ok", None)
+        except FileNotFoundError as error:
+            verdict = ("missing", str(error))
+        except ConfigError as error:
+            verdict = ("mismatch", str(error))
+    verdict = distributed.broadcast_from_primary(verdict)
+    if verdict[0] != "ok":
+        raise (RunDirError if verdict[0] == "missing" else ConfigError)(verdict[1])
+    if info.is_primary:
+        replay.load_files(train_state, module.buffer, 0)
+        for rank in range(1, info.world_size):
+            replay.send_files(train_state, module.buffer, rank)
+    else:
+        replay.recv_buffer(module.buffer)
+    if rank_state is not None:
+        module.buffer.set_cursor(rank_state["replay"])
+
+
+def _restore(module: PPO | OffPolicyModule, config: TrainConfig, info: DistInfo, run_dir) -> None:
+    """Load the latest step into the module, its optimizer and this rank's envs and RNGs
+    (DQN/SAC: also target networks, critics, temperature and this rank's replay buffer)."""
     step_dir, trainer_state, params, saved_config, rank_state = _read_checkpoint(run_dir, info)
     model = {k: v for k, v in params.items() if not k.startswith(OBS_NORMALIZER + "/")}
-    networks.load_canonical(module.network, model)
+    networks.load_canonical(_inference_network(module), model)
     module.update_step = int(trainer_state["update_step"])
     module.restore_optimizer_state(trainer_state)
+    offpol = isinstance(module, OffPolicyModule)
+    if offpol:
+        module.load_algo_state(trainer_state["algo_state"])
     if info.is_primary:
         _warn_config_drift(saved_config, config_lib.to_dict(config))
     venv = module.venv
@@ -260,27 +363,32 @@ def _restore(module: PPO, config: TrainConfig, info: DistInfo, run_dir) -> None:
                               f"--env.normalize-obs: resume with the config it was trained with.")
         venv.rms.load_state_dict(trainer_state["obs_rms"])
     same_world = int(trainer_state["world_size"]) == info.world_size
+    if offpol and same_world:
+        _restore_replay(module, step_dir, rank_state, info)
+    why = None
     if rank_state is not None and venv.load_state_dict(rank_state["env"]):
-        module.restore_rng_state(rank_state["rng"])
+        if module.restore_rng_state(rank_state["rng"]) is False:  # DQN/SAC, saved on GPU/CPU
+            why = "generators saved on another device type, re-seeded"
         _set_global_rng_state(rank_state["global_rng"])
-        exact = True
     else:
         env_seeds, rank_seed = _rank_seeds(config.seed, info.rank, venv.num_envs,
                                            module.update_step)
         _seed_globals(rank_seed)
         venv.reset(env_seeds)
         module.seed_streams(rank_seed)
-        exact = False
-    if not info.is_primary:
-        return
-    if exact:
-        logger.info("Resumed from %s at update %d", step_dir, module.update_step)
-    else:
         why = (f"saved with WORLD_SIZE={trainer_state['world_size']}, now {info.world_size}"
                if not same_world else "the checkpoint holds no env state")
+        why += ": envs and samplers re-seeded"
+        if offpol and not same_world:
+            why += ", replay buffers start empty"
+    if not info.is_primary:
+        return
+    if why is None:
+        logger.info("Resumed from %s at update %d", step_dir, module.update_step)
+    else:
         logger.warning("Resumed from %s at update %d (%s): params, optimizer and observation "
-                       "statistics restored, envs and samplers re-seeded, so the run is not a "
-                       "bit-exact continuation.", step_dir, module.update_step, why)
+                       "statistics restored, so the run is not a bit-exact continuation.",
+                       step_dir, module.update_step, why)
 
 
 def _configure_threads() -> None:
@@ -315,6 +423,9 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     `stop_at` ends the run early after that many updates (saving a checkpoint there),
     as an interruption would, without changing the config or its schedules.
     """
+    if config.algo.kind == "flow":  # imitation from a dataset: its own loop
+        from vibe_rl_torch import imitation
+        return imitation.train(config, stop_at=stop_at)
     validate(config)
     info = distributed.from_environment()
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
@@ -340,7 +451,7 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str, stop_at: int |
     _seed_globals(rank_seed)
     venv = envs.VecEnv(config.env.id, local_envs, normalize_obs=config.env.normalize_obs,
                        moments=distributed.global_moments if info.distributed else envs.local_moments)
-    module = PPO(config, venv, rank_seed=rank_seed)
+    module = _make_module(config, venv, rank_seed, info, accelerator)
     if resuming:
         _restore(module, config, info, run_dir)
     else:

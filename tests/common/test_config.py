@@ -6,7 +6,8 @@ import pytest
 
 from common import config as config_lib
 from common import presets
-from common.config import ConfigError, DQNConfig, EnvConfig, PPOConfig, SACConfig, TrainConfig
+from common.config import (ConfigError, DQNConfig, EnvConfig, FlowConfig, PPOConfig, SACConfig,
+                           TrainConfig)
 
 
 def make(**changes):
@@ -71,7 +72,7 @@ def test_every_field_has_a_docstring():
     # tyro shows these in --help; a field without one is a hole in the CLI docs.
     import inspect
 
-    for cls in (TrainConfig, EnvConfig, PPOConfig, DQNConfig, SACConfig):
+    for cls in (TrainConfig, EnvConfig, PPOConfig, DQNConfig, SACConfig, FlowConfig):
         source = inspect.getsource(cls)
         for field in dataclasses.fields(cls):
             after = source.split(f"    {field.name}:", 1)[1].split("\n", 2)[1]

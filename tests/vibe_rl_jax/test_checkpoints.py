@@ -31,17 +31,20 @@ def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 make = jax.jit(lambda: jnp.ones((125_000, 100), jnp.float32))
 state = {f"buffer_{i}": make() for i in range(8)}
 jax.block_until_ready(state)
-limit = int(sys.argv[2]) if len(sys.argv) > 2 else 256 * 2**20
-writer = checkpoints.CheckpointWriter(sys.argv[1], max_to_keep=1, keep_period=None,
-                                      background_max_bytes=limit)
 # The training loop's next chunk: donates the state and writes a new one.
 next_chunk = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)
-next_chunk = next_chunk.lower(state).compile()  # runs at once after save() returns, as in training
+next_chunk = next_chunk.lower(state).compile()
 before = rss_mb()
-writer.save(1, params={"w": jnp.zeros(3)}, train_state=state, assets={})
-state = next_chunk(state)
-jax.block_until_ready(state)
-writer.wait(); writer.close()
+if sys.argv[2] == "writer":
+    writer = checkpoints.CheckpointWriter(sys.argv[1], max_to_keep=1, keep_period=None)
+    writer.save(1, params={"w": jnp.zeros(3)}, train_state=state, assets={})
+    state = next_chunk(state)
+    jax.block_until_ready(state)
+    writer.wait(); writer.close()
+else:  # control: a host view held across the next chunk, as a background save would hold it
+    held = jax.device_get(state)
+    state = next_chunk(state)
+    jax.block_until_ready(state)
 print("INCREASE_MB", rss_mb() - before)
 """
 
@@ -49,13 +52,13 @@ print("INCREASE_MB", rss_mb() - before)
 def test_large_state_saves_without_doubling_memory(tmp_path):
     script = tmp_path / "big_save.py"
     script.write_text(_BIG_SAVE)
-    out = run_script([str(script), str(tmp_path / "run")], env={"JAX_PLATFORMS": "cpu"})
+    out = run_script([str(script), str(tmp_path / "run"), "writer"], env={"JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
     increase = float(out.stdout.split("INCREASE_MB")[1])
     assert increase < 100, f"peak RSS grew by {increase:.0f} MB while saving a 400 MB state"
     assert rd.complete_steps(tmp_path / "run") == [1]
-    # Control: forced into the background, the same save does double the state's memory.
-    out = run_script([str(script), str(tmp_path / "run2"), str(2**40)], env={"JAX_PLATFORMS": "cpu"})
+    # Control: the measurement does see a doubling. Holding the state (as a background save
+    # would) while the next chunk runs makes XLA skip the donation and allocate a new 400 MB.
+    out = run_script([str(script), str(tmp_path / "run2"), "control"], env={"JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-2000:]
-    # (400 MB when nothing else runs; less when the save outpaces the next chunk on a loaded box)
-    assert float(out.stdout.split("INCREASE_MB")[1]) > 150
+    assert float(out.stdout.split("INCREASE_MB")[1]) > 300

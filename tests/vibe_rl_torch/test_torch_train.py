@@ -15,7 +15,6 @@ import torch
 
 from common import presets
 from common import run_dir as rd
-from common.config import ConfigError
 from tests.conftest import ROOT, run_script
 from vibe_rl_torch import checkpoints, distributed, networks
 from vibe_rl_torch import train as torch_train
@@ -146,16 +145,6 @@ def test_continuous_resume_with_obs_normalizer_is_bit_exact(ckpt_base):
     resumed = torch_train.train(small(base=ckpt_base / "b", resume=True, **kw))
     assert_same_state(straight, resumed)
     np.testing.assert_array_equal(straight.module.venv.rms.mean, resumed.module.venv.rms.mean)
-
-
-def test_non_ppo_presets_are_a_clear_error(ckpt_base):
-    others = sorted(set(presets.PRESETS) - set(PPO_PRESETS))
-    if not others:
-        pytest.skip("no non-PPO preset")
-    cfg = presets.replace(presets.get_preset(others[0]), exp_name="x", backend="torch",
-                          checkpoint_base_dir=str(ckpt_base))
-    with pytest.raises(ConfigError, match="--backend torch trains PPO only"):
-        torch_train.validate(cfg)
 
 
 def test_run_dir_flags(ckpt_base):

@@ -1,0 +1,204 @@
+"""What DQN and SAC share on the Torch backend: the collect loop, the replay buffer, the generators,
+the gradient averaging over DDP ranks and the optimizer/RNG state (vibe_rl_jax/offpolicy.py's mirror).
+
+One update (one Lightning `training_step`) = `train_frequency` vector-env
+steps, every transition added to this rank's buffer with the true final
+observation as `next_obs`, then, once `learning_starts` env steps (over all
+ranks) are collected and the buffer holds a batch, `gradient_steps` gradient
+steps. Same meaning as on the JAX side.
+
+Under DDP each rank steps `num_envs / WORLD_SIZE` envs into its own buffer of
+`buffer_size / WORLD_SIZE` transitions (the same total, holding the same
+number of vector steps as the single buffer of the JAX mesh) and samples
+`batch_size / WORLD_SIZE` of every batch from it; gradients are averaged over
+the ranks before each optimizer step, so every step follows the gradient of
+one global batch of `batch_size`. The averaging is an explicit all-reduce (one
+flat tensor per optimizer step) instead of DDP's reducer: SAC takes three
+optimizer steps on three parameter subsets per gradient step, which the
+reducer (one backward over all parameters per forward) does not fit. (Lightning
+still wraps the module in DDP; under manual optimisation its reducer is armed
+only by `manual_backward`, which these modules do not call.) Ranks always agree
+on whether to learn: they add the same number of transitions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.config import ConfigError, DQNConfig, SACConfig, TrainConfig
+from vibe_rl_torch import envs
+from vibe_rl_torch.distributed import DistInfo, LaunchError
+from vibe_rl_torch.envs import VecEnv
+from vibe_rl_torch.replay import ReplayBuffer
+
+def check_config(config: TrainConfig, info: DistInfo) -> None:
+    """Checks before anything starts: the action space fits the algorithm; the batch splits over ranks."""
+    algo = config.algo
+    probe = envs.make_gym_vector_env(config.env.id, 1)
+    spec = envs.action_spec(probe.single_action_space, config.env.id)
+    probe.close()
+    if isinstance(algo, DQNConfig) and spec.continuous:
+        raise ConfigError(f"--env.id {config.env.id} has continuous actions; DQN needs a "
+                          f"discrete action space (use SAC or PPO).")
+    if isinstance(algo, SACConfig) and not spec.continuous:
+        raise ConfigError(f"--env.id {config.env.id} has discrete actions; SAC needs a Box "
+                          f"action space (use DQN or PPO).")
+    if algo.batch_size % info.world_size:
+        raise LaunchError(
+            f"--algo.batch-size ({algo.batch_size}) must be divisible by WORLD_SIZE="
+            f"{info.world_size}: each rank samples an equal share of every batch from its own "
+            f"replay buffer.")
+
+
+def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None:
+    """Replace each gradient by its mean over all ranks (one all-reduce of a flat tensor)."""
+    if world_size == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def update_target(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
+    """optax.incremental_update: target <- tau * online + (1 - tau) * target (tau = 1: a copy)."""
+    with torch.no_grad():
+        t_params, o_params = list(target.parameters()), list(online.parameters())
+        if tau == 1.0:
+            for t, o in zip(t_params, o_params):
+                t.copy_(o)
+        else:
+            torch._foreach_lerp_(t_params, o_params, tau)
+
+
+class OffPolicyModule(L.LightningModule):
+    """Base of DQN and SAC. Subclasses build their networks, `buffer`, optimizers and
+    `training_step`, and say which parameters make the inference weights."""
+
+    METRIC_KEYS: tuple[str, ...] = ()  # per-update metrics the training loop sums
+
+    def __init__(self, config: TrainConfig, venv: VecEnv, *, rank_seed: int, world_size: int = 1,
+                 device: torch.device | str = "cpu"):
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.algo: DQNConfig | SACConfig = config.algo
+        self.venv = venv
+        self.world_size = world_size
+        self.local_batch = self.algo.batch_size // world_size
+        self.rollout_device = torch.device(device)
+        self.update_step = 0  # updates completed
+        self._restore_optim: dict[str, Any] | None = None
+        self.seed_streams(rank_seed)
+
+    def make_buffer(self, action_shape: tuple[int, ...], action_dtype: torch.dtype) -> ReplayBuffer:
+        return ReplayBuffer(self.algo.buffer_size // self.world_size, (self.venv.obs_dim,),
+                            action_shape, action_dtype, self.rollout_device)
+
+    def seed_streams(self, rank_seed: int) -> None:
+        """This rank's generators: exploration/policy noise and replay sampling."""
+        self.action_rng = torch.Generator(self.rollout_device).manual_seed(rank_seed + 1)
+        self.sample_rng = torch.Generator(self.rollout_device).manual_seed(rank_seed + 2)
+
+    # ---------------------------------------------------------------- collect
+    @torch.no_grad()
+    def collect(self, select_action: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """Step this rank's envs `train_frequency` times into the buffer; returns episode sums."""
+        venv, device = self.venv, self.rollout_device
+        scale = self.config.env.reward_scale
+        ret = length = count = 0.0
+        for _ in range(self.algo.train_frequency):
+            obs = torch.from_numpy(venv.obs).to(device)
+            action = select_action(obs)
+            step = venv.step(action.cpu().numpy())
+            self.buffer.add(obs=obs, action=action,
+                            reward=torch.from_numpy(step.reward * scale).to(device),
+                            next_obs=torch.from_numpy(step.final_obs).to(device),
+                            terminated=torch.from_numpy(step.terminated.astype(np.float32)).to(device))
+            if step.done.any():
+                ret += float(step.episode_return.sum())
+                length += float(step.episode_length.sum())
+                count += float(step.done.sum())
+        return {"episode_return_sum": ret, "episode_length_sum": length, "episode_count": count}
+
+    def env_steps(self, updates: int) -> int:
+        """Environment steps (all ranks) collected by `updates` updates."""
+        return updates * self.config.steps_per_update
+
+    def learning_started(self, env_steps: int) -> bool:
+        """After `learning_starts` env steps, and once this rank's buffer holds a batch
+        (which, short of a resume onto another world size, the first condition implies)."""
+        return (env_steps >= max(self.algo.learning_starts, self.algo.batch_size)
+                and self.buffer.size >= self.local_batch)
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                       params: list[torch.nn.Parameter], max_grad_norm: float | None = None) -> None:
+        """Backward, average over ranks, clip the global norm (optax.clip_by_global_norm), step."""
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        average_gradients(params, self.world_size)
+        if max_grad_norm is not None:  # optax.clip_by_global_norm: rescale only above the bound
+            grads = [p.grad for p in params]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if norm > max_grad_norm:
+                torch._foreach_mul_(grads, max_grad_norm / norm)
+        optimizer.step()
+
+    # ---------------------------------------------------------------- state
+    @property
+    def inference_network(self) -> torch.nn.Module:
+        """The network whose canonical params are `params/model.safetensors`."""
+        raise NotImplementedError
+
+    def algo_state(self) -> dict[str, Any]:
+        """What resume needs besides the inference weights (targets, critics, temperature...)."""
+        raise NotImplementedError
+
+    def load_algo_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return {"optimizers": [opt.state_dict() for opt in self.trainer.optimizers],
+                "schedulers": [cfg.scheduler.state_dict()
+                               for cfg in self.trainer.lr_scheduler_configs]}
+
+    def restore_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Applied at fit start, once Lightning has built the optimizers."""
+        self._restore_optim = state
+
+    def on_fit_start(self) -> None:
+        if self._restore_optim is not None:
+            for opt, saved in zip(self.trainer.optimizers, self._restore_optim["optimizers"],
+                                  strict=True):
+                opt.load_state_dict(saved)
+            for cfg, saved in zip(self.trainer.lr_scheduler_configs,
+                                  self._restore_optim["schedulers"], strict=True):
+                cfg.scheduler.load_state_dict(saved)
+            self._restore_optim = None
+
+    def rng_state(self) -> dict[str, Any]:
+        return {"action_rng": self.action_rng.get_state(), "sample_rng": self.sample_rng.get_state(),
+                "device": self.rollout_device.type}
+
+    def restore_rng_state(self, state: dict[str, Any]) -> bool:
+        """Restore the generators; False (and left as seeded) if saved on another device type."""
+        if state["device"] != self.rollout_device.type:
+            return False
+        self.action_rng.set_state(state["action_rng"])
+        self.sample_rng.set_state(state["sample_rng"])
+        return True
+
+
+def mean_over_learning(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:
+    """Learning metrics averaged over the updates (and ranks) that learned; NaN before any."""
+    learned = sums["learn_count"]
+    return {k: (sums[k] / learned if learned else float("nan")) for k in keys}
