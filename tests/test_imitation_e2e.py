@@ -26,17 +26,6 @@ from common import imitation  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home))
-        patch.setenv("HF_LEROBOT_HOME", str(home / "lerobot"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield home
-
-
 def _train(preset: str, base: pathlib.Path, *flags: str):
     config = presets.cli([preset, "--exp-name", "f1", "--checkpoint-base-dir", str(base),
                           "--no-progress-bar", *flags])

@@ -25,17 +25,6 @@ from vibe_rl_jax import train as jax_train  # noqa: E402
 FLOW_PRESETS = sorted(n for n, (_, c) in presets.PRESETS.items() if c.algo.kind == "flow")
 
 
-@pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home))
-        patch.setenv("HF_LEROBOT_HOME", str(home / "lerobot"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield home
-
-
 def _with_stats(root, data_config):
     stats = ld.compute_norm_stats(data_config)
     path = root.parent / f"{root.name}_stats.json"

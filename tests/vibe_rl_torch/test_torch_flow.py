@@ -119,17 +119,6 @@ def test_torch_loss_is_the_shared_math():
 
 
 @pytest.fixture(scope="module")
-def hf_home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("hf_home")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HOME", str(home))
-        patch.setenv("HF_LEROBOT_HOME", str(home / "lerobot"))
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        patch.setenv("HF_DATASETS_OFFLINE", "1")
-        yield home
-
-
-@pytest.fixture(scope="module")
 def two_goal_data(hf_home, tmp_path_factory):
     root = tmp_path_factory.mktemp("demos") / "two_goal"
     collect_demos.collect(collect_demos.Args(root=str(root), num_episodes=12, seed=0))
