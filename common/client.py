@@ -120,19 +120,29 @@ def to_env_action(actions: Any, action_space: Any) -> Any:
 
 def run_episodes(policy: _InferPolicy, env_id: str, num_episodes: int, seed: int = 0,
                  max_steps: int | None = None) -> list[float]:
-    """Episode returns of `policy` on gymnasium `env_id`; episode i resets with seed + i."""
-    import gymnasium  # lazily: serving and the client need no environment package
+    """Episode returns of `policy` on gymnasium `env_id`; episode i resets with seed + i.
 
-    env = gymnasium.make(env_id)
+    A chunk policy (metadata `action_spec.type == "chunk"`) is run with a receding
+    horizon: the first `execute_horizon` actions of each chunk, then a new request.
+    """
+    from common import chunk_eval  # lazily: serving and the client need no environment package
+
+    metadata = getattr(policy, "metadata", None) or {}
+    chunked = (metadata.get("action_spec") or {}).get("type") == "chunk"
+    execute = int(metadata.get("execute_horizon") or 1)
+    env = chunk_eval.make_env(env_id)
     returns = []
     try:
         for episode in range(num_episodes):
             obs, _ = env.reset(seed=seed + episode)
-            total, steps, done = 0.0, 0, False
+            total, steps, done, pending = 0.0, 0, False, []
             while not done:
-                out = policy.infer({OBSERVATION_KEY: np.asarray(obs, np.float32)})
+                if not pending:
+                    out = policy.infer({OBSERVATION_KEY: np.asarray(obs, np.float32)})
+                    actions = np.asarray(out[ACTIONS_KEY])
+                    pending = list(actions[:execute]) if chunked else [actions]
                 obs, reward, terminated, truncated, _ = env.step(
-                    to_env_action(out[ACTIONS_KEY], env.action_space))
+                    to_env_action(pending.pop(0), env.action_space))
                 total += float(reward)
                 steps += 1
                 done = terminated or truncated or (max_steps is not None and steps >= max_steps)
