@@ -13,7 +13,9 @@ provenance.json is the same for source and result, and JAX -> Torch -> JAX
 gives back the same arrays bit for bit. The step is built under a temporary
 name and renamed into place, like every other step directory. With `verify`,
 both backends load their checkpoint and must pick the same actions for
-random observations before the result is moved into place.
+random observations before the result is moved into place (flow policies:
+the same chunks from the same noise, see `verify_flow`). A flow checkpoint's
+state and action sizes come from its params (its config names no env).
 
 Backends are imported only here, inside the functions that need them.
 """
@@ -65,6 +67,47 @@ class Result:
 def env_spaces(backend: str, config: config_lib.TrainConfig) -> Spaces:
     """The env spaces the network layout depends on, from the backend that trained on the env."""
     return importlib.import_module(f"vibe_rl_{backend}.policy").spaces(config)
+
+
+def _native_shapes(step_dir: pathlib.Path, backend: str) -> dict[str, tuple[int, ...]]:
+    """Canonical `{name: shape}` of a step's model params, before any layout is known."""
+    if backend == "jax":
+        from vibe_rl_jax import checkpoints
+
+        model = checkpoints.load_params(step_dir).get(canonical.JAX_MODEL_KEY, {})
+        return {k: tuple(np.shape(v)) for k, v in canonical.flatten(model).items()}
+    flat = canonical.load_safetensors(step_dir / run_dir_lib.PARAMS_DIR / TORCH_PARAMS_FILE)
+    return {k: tuple(np.shape(v)) for k, v in flat.items()}
+
+
+def flow_spaces(step_dir: pathlib.Path, backend: str, config: config_lib.TrainConfig) -> Spaces:
+    """State and action sizes of a flow checkpoint: off its params, as the flow loaders read them.
+
+    An imitation config names a dataset, not an env to build, so the sizes are
+    read off `obs_encoder/dense_0` and `action_expert/head`, then held to the
+    step's assets/norm_stats.json (when the config normalises with it).
+    """
+    try:
+        state_dim, action_dim = families.flow_dims(_native_shapes(step_dir, backend),
+                                                   config.data.action_horizon)
+    except canonical.CanonicalParamsError as error:
+        raise ConversionError(f"The params in {step_dir}: {error}") from None
+    if config.data.use_norm_stats:
+        stats = policy_lib.load_norm_stats(step_dir, config.name)
+        for key, dim in (("state", state_dim), ("actions", action_dim)):
+            have = int(np.shape(stats[key].mean)[0]) if key in stats else None
+            if have != dim:
+                raise ConversionError(f"{step_dir}/assets/norm_stats.json: {key!r} has {have} "
+                                      f"dims, the params {dim}.")
+    return Spaces((state_dim,), action_dim, True)
+
+
+def checkpoint_spaces(step_dir: pathlib.Path, backend: str,
+                      config: config_lib.TrainConfig) -> Spaces:
+    """What the checkpoint's network layout depends on besides its config."""
+    if config.algo.kind == "flow":
+        return flow_spaces(step_dir, backend, config)
+    return env_spaces(backend, config)
 
 
 def read_params(step_dir: pathlib.Path, backend: str, layout: Layout) -> dict[str, np.ndarray]:
@@ -126,6 +169,59 @@ def verify(source: pathlib.Path, source_backend: str, target: pathlib.Path, targ
     return f"greedy actions of {num_obs} random observations are identical"
 
 
+def _flow_chunks(backend: str, flat: dict[str, np.ndarray], config: config_lib.TrainConfig,
+                 spaces: Spaces, state: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Normalised chunks of `backend`'s flow model with these params, from the given noise."""
+    algo, horizon = config.algo, config.data.action_horizon
+    if backend == "jax":
+        from vibe_rl_jax import flow
+
+        model = flow.make_model(algo, action_dim=spaces.action_dim, horizon=horizon)
+        chunk = flow.sample_chunk(canonical.unflatten(flat), model, {flow.STATE_KEY: state}, None,
+                                  algo.num_integration_steps, noise=noise)
+        return np.asarray(chunk)
+    import torch
+
+    from vibe_rl_torch import flow, networks
+
+    model = flow.make_model(algo, state_dim=spaces.obs_dim, action_dim=spaces.action_dim,
+                            horizon=horizon)
+    networks.load_canonical(model, flat)
+    model.eval()
+    with torch.inference_mode():
+        return flow.sample_chunk(model, {flow.STATE_KEY: torch.from_numpy(state)},
+                                 algo.num_integration_steps,
+                                 noise=torch.from_numpy(noise)).numpy()
+
+
+def verify_flow(source: pathlib.Path, source_backend: str, target: pathlib.Path,
+                target_backend: str, config: config_lib.TrainConfig, spaces: Spaces,
+                layout: Layout, num_obs: int = 64, atol: float = 1e-4) -> str:
+    """Both backends integrate the same noise for the same random states; chunks must agree.
+
+    The two backends draw sampling noise from different generators, so served
+    chunks of the same seed differ by design; this check feeds both the same
+    noise (regression mode needs none) and compares the normalised chunks
+    after all `num_integration_steps` Euler steps. The assets (norm stats) are
+    copied byte for byte, so the unnormalised chunks then agree as well.
+    """
+    rng = np.random.default_rng(0)
+    state = rng.standard_normal((num_obs, spaces.obs_dim)).astype(np.float32)
+    noise = rng.standard_normal((num_obs, config.data.action_horizon,
+                                 spaces.action_dim)).astype(np.float32)
+    chunks = {backend: _flow_chunks(backend, read_params(step_dir, backend, layout), config,
+                                    spaces, state, noise)
+              for backend, step_dir in ((source_backend, source), (target_backend, target))}
+    diff = float(np.max(np.abs(chunks[source_backend].astype(np.float64)
+                               - chunks[target_backend])))
+    what = ("predicted chunks" if config.algo.mode == "regression" else
+            f"chunks sampled from the same noise ({config.algo.num_integration_steps} Euler steps)")
+    if not diff <= atol:
+        raise ConversionError(f"Converted policy's {what} differ from the source's by up to "
+                              f"{diff:.3g} (> {atol}) on random states.")
+    return f"{what} of {num_obs} random states agree (max abs diff {diff:.2g})"
+
+
 # ------------------------------------------------------------------ the conversion
 def _provenance(step_dir: pathlib.Path, source_backend: str, target_backend: str,
                 config: config_lib.TrainConfig, digest: str) -> dict[str, Any]:
@@ -180,7 +276,7 @@ def convert_checkpoint(checkpoint_dir: pathlib.Path | str, to: str, output: path
         raise ConversionError(f"{final} exists; pass --overwrite to replace it, or pick another "
                               f"--output.")
 
-    spaces = env_spaces(source_backend, config)
+    spaces = checkpoint_spaces(step_dir, source_backend, config)
     layout = families.checkpoint_layout(config, spaces)
     flat = read_params(step_dir, source_backend, layout)
     digest = canonical.digest(flat)
@@ -200,7 +296,11 @@ def convert_checkpoint(checkpoint_dir: pathlib.Path | str, to: str, output: path
         summary = None
         if check:
             try:
-                summary = verify(step_dir, source_backend, tmp, to, spaces)
+                if config.algo.kind == "flow":
+                    summary = verify_flow(step_dir, source_backend, tmp, to, config, spaces,
+                                          layout)
+                else:
+                    summary = verify(step_dir, source_backend, tmp, to, spaces)
             except policy_lib.BackendUnavailableError as error:
                 logger.warning("Not verified against the source: %s", error)
         if final.exists():

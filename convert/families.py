@@ -9,6 +9,8 @@ and not in a user's converted checkpoint.
     q_network      q/{dense_<i>,head}/{kernel,bias}
     sac_actor      actor/{dense_<i>,mean,log_std}/{kernel,bias}
     twin_critic    critic_0/{dense_<i>,head}/..., critic_1/...  (input: obs ++ action)
+    flow_policy    obs_encoder/dense_<i>/..., time_embed/dense_0/... (flow mode only),
+                   action_expert/{dense_<i>,head}/...  (head: action_horizon * action_dim)
 
 `policy_layout(config, spaces)` is what a checkpoint's params/ holds for the
 config's algorithm (the inference network only: SAC saves its actor), and
@@ -80,6 +82,45 @@ def twin_critic(obs_dim: int, action_dim: int, hidden_sizes: tuple[int, ...]) ->
                      **mlp("critic_1", obs_dim + action_dim, hidden_sizes, 1)})
 
 
+def flow_policy(state_dim: int, action_dim: int, horizon: int, encoder_sizes: tuple[int, ...],
+                hidden_sizes: tuple[int, ...], time_embed_dim: int, mode: str) -> dict[str, Leaf]:
+    """The flow-matching chunk policy (vibe_rl_{jax,torch}/flow.py) in `mode` flow or regression.
+
+    The encoder MLP has no head; in flow mode the action expert's input is the
+    state features ++ the time embedding ++ the flattened noisy chunk.
+    """
+    out: dict[str, Leaf] = {}
+    features = state_dim
+    for i, width in enumerate(encoder_sizes):
+        out.update(dense(f"obs_encoder/dense_{i}", features, width))
+        features = width
+    expert_in = features
+    if mode == "flow":
+        out.update(dense("time_embed/dense_0", time_embed_dim, time_embed_dim))
+        expert_in += time_embed_dim + horizon * action_dim
+    out.update(mlp("action_expert", expert_in, hidden_sizes, horizon * action_dim))
+    return _checked(out)
+
+
+def flow_dims(shapes: dict[str, tuple[int, ...]], horizon: int) -> tuple[int, int]:
+    """(state_dim, action_dim) of a flow policy, read off its canonical `{name: shape}`.
+
+    A flow checkpoint's config names no env, so the sizes come from the params
+    themselves (as the flow loaders read them); the layout check then holds
+    every other shape to the config.
+    """
+    try:
+        state_dim = int(shapes["obs_encoder/dense_0/kernel"][0])
+        out = int(shapes["action_expert/head/bias"][0])
+    except KeyError as error:
+        raise CanonicalParamsError(f"Not a flow chunk policy: no {error.args[0]!r} "
+                                   f"parameter.") from None
+    if out % horizon:
+        raise CanonicalParamsError(f"action_expert/head has {out} outputs, not a multiple of the "
+                                   f"action horizon {horizon} (--data.action-horizon).")
+    return state_dim, out // horizon
+
+
 def obs_normalizer(obs_shape: tuple[int, ...]) -> dict[str, Leaf]:
     """The running observation statistics saved with the params (`env.normalize_obs`)."""
     return {f"{OBS_NORMALIZER}/mean": Leaf(tuple(obs_shape)),
@@ -128,6 +169,14 @@ def _sac(config: TrainConfig, spaces: Spaces) -> Layout:
     return sac_actor(spaces.obs_dim, spaces.action_dim, tuple(config.algo.hidden_sizes))
 
 
+@register_policy_family("flow")
+def _flow(config: TrainConfig, spaces: Spaces) -> Layout:
+    algo = config.algo
+    return flow_policy(spaces.obs_dim, spaces.action_dim, config.data.action_horizon,
+                       tuple(algo.encoder_sizes), tuple(algo.hidden_sizes), algo.time_embed_dim,
+                       algo.mode)
+
+
 def registered_kinds() -> list[str]:
     return sorted(_POLICY_FAMILIES)
 
@@ -145,7 +194,8 @@ def policy_layout(config: TrainConfig, spaces: Spaces) -> Layout:
 def checkpoint_layout(config: TrainConfig, spaces: Spaces) -> Layout:
     """Everything a step's params/ holds: the policy network, plus obs statistics if normalised."""
     out = dict(policy_layout(config, spaces))
-    if config.env.normalize_obs:
+    # imitation policies normalise with assets/norm_stats.json, not saved running statistics
+    if config.env.normalize_obs and config.algo.kind != "flow":
         out.update(obs_normalizer(spaces.obs_shape))
     return out
 

@@ -146,18 +146,21 @@ def loss_fn(params: Any, model: FlowPolicyNet, batch: Mapping[str, jax.Array],
 
 
 def sample_chunk(params: Any, model: FlowPolicyNet, obs: Mapping[str, jax.Array], key: jax.Array,
-                 num_steps: int = flow_math.DEFAULT_INTEGRATION_STEPS) -> jax.Array:
+                 num_steps: int = flow_math.DEFAULT_INTEGRATION_STEPS, *,
+                 noise: jax.Array | None = None) -> jax.Array:
     """A normalised action chunk `(B, H, A)`: Euler from noise (t=1) to actions (t=0).
 
     The observation is encoded once; each Euler step runs only the time
     embedding and the action expert. Regression mode returns its prediction.
+    `noise` (B, H, A) replaces the draw from `key` (the converter's cross-backend check).
     """
     variables = {"params": params}
     features = model.apply(variables, obs, method=FlowPolicyNet.encode)
     if model.mode == "regression":
         return model.apply(variables, features, method=FlowPolicyNet.predict)
     batch = features.shape[0]
-    noise = jax.random.normal(key, (batch, model.horizon, model.action_dim), features.dtype)
+    if noise is None:
+        noise = jax.random.normal(key, (batch, model.horizon, model.action_dim), features.dtype)
 
     def velocity(x: jax.Array, t: float) -> jax.Array:
         times = jnp.full((batch,), t, features.dtype)

@@ -83,6 +83,9 @@ def check_params(params: dict[str, Any], network: Any, obs_shape: tuple[int, ...
 
 def spaces(config: TrainConfig) -> Spaces:
     """The config's env spaces as convert/ declares network layouts with them."""
+    if config.algo.kind == "flow":  # imitation configs name no env to build; dims are in the params
+        raise CheckpointError("A flow checkpoint's state and action sizes come from its params "
+                              "(convert.checkpoint.checkpoint_spaces), not from an env.")
     venv = envs.VecEnv(config.env.id, 1)
     return Spaces(tuple(venv.obs_shape), venv.action_spec.dim, venv.action_spec.continuous)
 

@@ -62,6 +62,9 @@ def env_spaces(config: TrainConfig) -> tuple[Spaces, envs.ActionSpec]:
 
 def spaces(config: TrainConfig) -> Spaces:
     """What convert/ needs to know about the env to declare the network's layout."""
+    if config.algo.kind == "flow":  # imitation configs name no env to build; dims are in the params
+        raise CheckpointError("A flow checkpoint's state and action sizes come from its params "
+                              "(convert.checkpoint.checkpoint_spaces), not from an env.")
     return env_spaces(config)[0]
 
 
