@@ -23,9 +23,13 @@ def test_orbax_retention_is_the_shared_rule(tmp_path):
 
 
 _BIG_SAVE = r"""
-import resource, sys, jax, jax.numpy as jnp
+import re, sys, jax, jax.numpy as jnp
 from vibe_rl_jax import checkpoints
-def rss_mb(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def rss_mb():
+    # Peak RSS of this process image. Not getrusage's ru_maxrss: Linux keeps that across
+    # execve, so a child of a big pytest process starts with the parent's peak.
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 # A replay-buffer-sized state: 1e6 transitions x 100 float32 = 400 MB, made in 8 pieces so
 # that making it never peaks far above its own size (the peak RSS is what is compared).
 make = jax.jit(lambda: jnp.ones((125_000, 100), jnp.float32))
