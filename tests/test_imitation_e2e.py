@@ -67,27 +67,34 @@ def test_two_goal_flow_succeeds_where_regression_fails(two_goal_flags, tmp_path)
     assert served["success_rate"] >= 0.9
 
 
-def test_pendulum_flow_matches_the_rl_expert(hf_home, tmp_path):
-    base = tmp_path / "ck"
+@pytest.fixture(scope="module")
+def pendulum_demos(hf_home, tmp_path_factory):
+    """An RL expert, its demos and norm stats, and its return on the flow evaluation seeds."""
+    tmp = tmp_path_factory.mktemp("pendulum")
     # The expert: 200k steps of pendulum_ppo (~10 s; mean return about -150).
-    expert = _train("pendulum_ppo", base, "--total-timesteps", "204800")
-    root, stats = tmp_path / "data" / "pendulum", tmp_path / "assets" / "norm_stats.json"
+    expert = _train("pendulum_ppo", tmp / "ck", "--total-timesteps", "204800")
+    root, stats = tmp / "data" / "pendulum", tmp / "assets" / "norm_stats.json"
     collect_demos.main(["--env", "Pendulum-v1", "--policy", str(expert.run_dir),
                         "--num-episodes", "30", "--root", str(root)])
     data_flags = ["--data.root", str(root), "--data.norm-stats-path", str(stats)]
     compute_norm_stats.main(["pendulum_flow", *data_flags])
-    flow = _train("pendulum_flow", base, *data_flags)
-
     # The expert on the flow policy's evaluation seeds, one action per step.
     expert_policy = create_trained_policy(expert.run_dir)
     expert_eval = chunk_eval.evaluate(
         lambda obs: expert_policy.infer_batch({"observation": obs})["actions"][:, None],
         "Pendulum-v1", episodes=presets.get_preset("pendulum_flow").algo.eval_episodes,
         execute_horizon=1, seed=imitation.EVAL_SEED)
-    flow_return, expert_return = flow.eval["episode_return"], expert_eval["episode_return"]
-    print(f"\npendulum return: flow {flow_return:.1f} ({flow.train_seconds:.1f} s), "
+    assert expert_eval["episode_return"] > -250  # the expert swings up and balances
+    return data_flags, expert_eval["episode_return"]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_pendulum_flow_matches_the_rl_expert(pendulum_demos, backend, tmp_path):
+    data_flags, expert_return = pendulum_demos
+    flow = _train("pendulum_flow", tmp_path / "ck", *data_flags, "--backend", backend)
+    flow_return = flow.eval["episode_return"]
+    print(f"\npendulum return ({backend}): flow {flow_return:.1f} ({flow.train_seconds:.1f} s), "
           f"expert {expert_return:.1f}")
-    assert expert_return > -250  # the expert swings up and balances
     # Returns are negative: "90% of the expert" = at most 10% worse than the expert.
     assert flow_return >= expert_return - 0.1 * abs(expert_return)
     assert np.isfinite(flow_return)
