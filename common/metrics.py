@@ -53,11 +53,17 @@ def init_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def format_progress(step: int, total: int, sps: float, episode_return: float | None) -> str:
+def format_progress(step: int, total: int, sps: float, episode_return: float | None, *,
+                    step_name: str = "update", rate_unit: str = "steps/s",
+                    value_name: str = "return") -> str:
+    """`[####    ]  40.0% update 400/1000 | 12,345 steps/s | return 99.5` (RL);
+    imitation runs say `step ... samples/s | loss ...`."""
     done = step / max(total, 1)
     bar = "#" * int(done * 20)
-    ret = "n/a" if episode_return is None or math.isnan(episode_return) else f"{episode_return:.1f}"
-    return f"[{bar:<20}] {100 * done:5.1f}% update {step}/{total} | {sps:,.0f} steps/s | return {ret}"
+    value = ("n/a" if episode_return is None or math.isnan(episode_return)
+             else f"{episode_return:.4g}" if value_name == "loss" else f"{episode_return:.1f}")
+    return (f"[{bar:<20}] {100 * done:5.1f}% {step_name} {step}/{total} | {sps:,.0f} {rate_unit} | "
+            f"{value_name} {value}")
 
 
 class MetricWriter:
@@ -93,9 +99,11 @@ class MetricWriter:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in scalars.items() if v is not None}, step=step)
 
-    def progress(self, step: int, total: int, sps: float, episode_return: float | None) -> None:
+    def progress(self, step: int, total: int, sps: float, episode_return: float | None,
+                 **labels: str) -> None:
         if self._progress:
-            logging.getLogger("vibe_rl").info(format_progress(step, total, sps, episode_return))
+            logging.getLogger("vibe_rl").info(
+                format_progress(step, total, sps, episode_return, **labels))
 
     def close(self) -> None:
         if self._tb is not None:

@@ -231,7 +231,8 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
                            metrics_lib.DATA_WAIT_FRAC: iterator.pop_data_wait() / seconds}
                 writer.write(step, scalars)
                 history.append({"step": step, "time": now - start_time, **scalars})
-                writer.progress(step, total, scalars[metrics_lib.SPS], None)
+                writer.progress(step, total, scalars[metrics_lib.SPS], scalars[loss_tag],
+                                step_name="step", rate_unit="samples/s", value_name="loss")
                 losses = []
                 last_time = now
             if (is_primary and algo.eval_episodes and algo.eval_interval

@@ -252,7 +252,8 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
                            metrics_lib.DATA_WAIT_FRAC: loader.pop_data_wait() / seconds}
                 writer.write(step, scalars)
                 history.append({"step": step, "time": now - start_time, **scalars})
-                writer.progress(step, total, scalars[metrics_lib.SPS], None)
+                writer.progress(step, total, scalars[metrics_lib.SPS], scalars[loss_tag],
+                                step_name="step", rate_unit="samples/s", value_name="loss")
                 losses = []
             if algo.eval_episodes and algo.eval_interval and step % algo.eval_interval == 0 \
                     and step < total:

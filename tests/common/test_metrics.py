@@ -30,3 +30,9 @@ def test_writer_writes_tags(tmp_path):
     acc.Reload()
     assert set(acc.Tags()["scalars"]) == {"train/episode_return", "train/loss/total"}
     assert acc.Scalars("train/episode_return")[0].step == 3
+
+
+def test_progress_line_for_imitation_runs():
+    line = metrics.format_progress(10, 40, 5000.0, 0.01234, step_name="step",
+                                   rate_unit="samples/s", value_name="loss")
+    assert "step 10/40" in line and "5,000 samples/s" in line and "loss 0.01234" in line
