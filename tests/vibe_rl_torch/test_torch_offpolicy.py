@@ -29,15 +29,8 @@ from vibe_rl_torch.sac import SAC, Squash, squashed_log_prob
 HERE = pathlib.Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def deterministic():
-    """Deterministic kernels on one thread: resumed runs must match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+# Every test here runs with deterministic kernels on one thread (tests/vibe_rl_torch/conftest.py).
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def small(name, updates, base, **changes):

@@ -25,15 +25,8 @@ TB_TAGS = {"train/episode_return", "train/episode_length", "train/learning_rate"
            "train/loss/value", "train/loss/entropy"}
 
 
-@pytest.fixture(autouse=True)
-def deterministic():
-    """Deterministic kernels on one thread: resumed runs must match bit for bit."""
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)
-    yield
-    torch.use_deterministic_algorithms(False)
-    torch.set_num_threads(threads)
+# Every test here runs with deterministic kernels on one thread (tests/vibe_rl_torch/conftest.py).
+pytestmark = pytest.mark.usefixtures("deterministic")
 
 
 def small(name="cartpole_ppo", updates=4, base=None, **changes):
