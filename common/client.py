@@ -118,31 +118,58 @@ def to_env_action(actions: Any, action_space: Any) -> Any:
     return actions.astype(action_space.dtype).reshape(action_space.shape)
 
 
+class RecedingHorizonActor:
+    """One env action per call from any policy, chunk policies included.
+
+    A chunk policy (metadata `action_spec.type == "chunk"`) is queried once per
+    `execute_horizon` steps and the first `execute_horizon` actions of its chunk
+    are played in order (pi0's receding horizon); any other policy is queried
+    every step. The queue is the state, so call `reset()` at each episode start.
+    """
+
+    def __init__(self, policy: _InferPolicy):
+        metadata = getattr(policy, "metadata", None) or {}
+        self.policy = policy
+        self.chunked = (metadata.get("action_spec") or {}).get("type") == "chunk"
+        self.execute_horizon = int(metadata.get("execute_horizon") or 1) if self.chunked else 1
+        self._pending: list[np.ndarray] = []
+
+    def reset(self) -> None:
+        self._pending.clear()
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        if not self._pending:
+            out = self.policy.infer({OBSERVATION_KEY: np.asarray(obs, np.float32)})
+            actions = np.asarray(out[ACTIONS_KEY])
+            if self.chunked:
+                if actions.ndim < 1 or len(actions) < self.execute_horizon:
+                    raise ValueError(f"The chunk policy returned actions of shape {actions.shape}, "
+                                     f"fewer than its execute_horizon {self.execute_horizon}.")
+                self._pending.extend(actions[:self.execute_horizon])
+            else:
+                self._pending.append(actions)
+        return self._pending.pop(0)
+
+
 def run_episodes(policy: _InferPolicy, env_id: str, num_episodes: int, seed: int = 0,
                  max_steps: int | None = None) -> list[float]:
     """Episode returns of `policy` on gymnasium `env_id`; episode i resets with seed + i.
 
-    A chunk policy (metadata `action_spec.type == "chunk"`) is run with a receding
-    horizon: the first `execute_horizon` actions of each chunk, then a new request.
+    Chunk policies run with a receding horizon (see `RecedingHorizonActor`).
     """
     from common import chunk_eval  # lazily: serving and the client need no environment package
 
-    metadata = getattr(policy, "metadata", None) or {}
-    chunked = (metadata.get("action_spec") or {}).get("type") == "chunk"
-    execute = int(metadata.get("execute_horizon") or 1)
+    actor = RecedingHorizonActor(policy)
     env = chunk_eval.make_env(env_id)
     returns = []
     try:
         for episode in range(num_episodes):
             obs, _ = env.reset(seed=seed + episode)
-            total, steps, done, pending = 0.0, 0, False, []
+            actor.reset()
+            total, steps, done = 0.0, 0, False
             while not done:
-                if not pending:
-                    out = policy.infer({OBSERVATION_KEY: np.asarray(obs, np.float32)})
-                    actions = np.asarray(out[ACTIONS_KEY])
-                    pending = list(actions[:execute]) if chunked else [actions]
                 obs, reward, terminated, truncated, _ = env.step(
-                    to_env_action(pending.pop(0), env.action_space))
+                    to_env_action(actor(obs), env.action_space))
                 total += float(reward)
                 steps += 1
                 done = terminated or truncated or (max_steps is not None and steps >= max_steps)

@@ -52,7 +52,8 @@ class Args:
     env: str = two_goal.ENV_ID
     """Gymnasium environment id (vibe_rl/TwoGoal-v0 is registered by vibe-rl)."""
     policy: str = EXPERT
-    """'expert' (the two-goal task's scripted expert) or a vibe-rl checkpoint directory."""
+    """'expert' (the two-goal task's scripted expert) or a vibe-rl checkpoint directory (RL or
+    action-chunk policy; chunks run with the policy's receding horizon)."""
     num_episodes: int = 100
     """Episodes to record."""
     repo_id: str = "local/demos"
@@ -118,12 +119,13 @@ def make_actor(args: Args, env) -> Actor:
     except ImportError as error:
         raise SystemExit(f"error: loading checkpoints needs common.policy.create_trained_policy, "
                          f"which is not available here ({error}).") from None
-    policy = create_trained_policy(path)
+    from common.client import RecedingHorizonActor
 
-    def act(obs: np.ndarray) -> np.ndarray:
-        return np.asarray(policy.infer({"observation": obs})["actions"])
-
-    return Actor(act, name=f"checkpoint {path}")
+    actor = RecedingHorizonActor(create_trained_policy(path))
+    name = f"checkpoint {path}"
+    if actor.chunked:
+        name += f" (chunks, {actor.execute_horizon} actions executed per chunk)"
+    return Actor(actor, actor.reset, name=name)
 
 
 def features_for(env, images: bool, image_size: int) -> dict[str, dict]:

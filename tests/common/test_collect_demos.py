@@ -107,6 +107,40 @@ def test_checkpoint_policy_on_gymnasium_envs(hf_home, tmp_path, monkeypatch, env
         "observation.state"]["shape"]
 
 
+class _FakeChunkPolicy:
+    """A chunk policy: 4 actions per query, action j of query n is 10 * n + j (run 3 of them)."""
+
+    metadata = {"action_spec": {"type": "chunk"}, "execute_horizon": 3}
+
+    def __init__(self):
+        self.calls = 0
+
+    def infer(self, obs):
+        self.calls += 1
+        n = self.calls - 1
+        return {"actions": np.array([[10.0 * n + j] for j in range(4)], np.float32) / 100.0}
+
+
+def test_chunk_policy_runs_with_its_receding_horizon(hf_home, tmp_path, monkeypatch):
+    import common.policy
+
+    checkpoint = tmp_path / "checkpoints" / "flow"
+    checkpoint.mkdir(parents=True)
+    policy = _FakeChunkPolicy()
+    monkeypatch.setattr(common.policy, "create_trained_policy", lambda path: policy)
+    root = tmp_path / "demos"
+    summary = collect_demos.collect(collect_demos.Args(
+        root=str(root), env="Pendulum-v1", policy=str(checkpoint), num_episodes=2,
+        max_episode_steps=7))
+    # 7 steps per episode at 3 actions per chunk: 3 queries, the queue is cleared at each reset.
+    assert summary["frames"] == 14 and policy.calls == 6
+    assert "3 actions executed per chunk" in summary["policy"]
+    source = ld.open_dataset(ld.DataConfig(root=str(root), action_horizon=1))
+    actions = source.get_batch(np.arange(len(source)))["action"][:, 0, 0] * 100.0
+    first = [0, 1, 2, 10, 11, 12, 20]
+    np.testing.assert_allclose(actions, first + [30 + a for a in first], atol=1e-4)
+
+
 def test_errors_say_what_to_do(hf_home, tmp_path):
     with pytest.raises(SystemExit, match="scripted expert of vibe_rl/TwoGoal-v0"):
         collect_demos.collect(collect_demos.Args(root=str(tmp_path / "a"), env="Pendulum-v1"))

@@ -21,6 +21,7 @@ from common import run_dir as rd  # noqa: E402
 from common.config import ConfigError, FlowConfig  # noqa: E402
 from vibe_rl_jax import checkpoints, flow  # noqa: E402
 from vibe_rl_jax import train as jax_train  # noqa: E402
+from tests.conftest import run_script  # noqa: E402
 
 FLOW_PRESETS = sorted(n for n, (_, c) in presets.PRESETS.items() if c.algo.kind == "flow")
 
@@ -213,6 +214,31 @@ def test_resume_is_bit_exact_and_continues_at_the_same_sample(two_goal_data, ckp
         np.testing.assert_array_equal(x, y)
     assert any(not np.array_equal(x, y) for x, y in
                zip(leaves(saved), leaves(resumed.runner["params"])))
+
+
+def test_flow_on_several_devices_matches_one(two_goal_data, tmp_path):
+    """The global batch split over meshes of 4 fake CPU devices ((4, 1) and (2, 2) as
+    (batch, fsdp)) trains like 1 device."""
+    def worker(n, fsdp_devices):
+        out = tmp_path / f"{n}-{fsdp_devices}.npz"
+        proc = run_script(["tests/vibe_rl_jax/_flow_mesh_worker.py", str(two_goal_data[0]),
+                           str(two_goal_data[1]), str(tmp_path / f"ck{n}-{fsdp_devices}"),
+                           str(fsdp_devices), str(out)],
+                          env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
+                               "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        data = dict(np.load(out))
+        assert int(data.pop("n_devices")) == n
+        return data
+
+    one = worker(1, 1)
+    assert len(one["loss"]) == 3
+    for fsdp_devices in (1, 2):
+        many = worker(4, fsdp_devices)
+        assert one.keys() == many.keys()
+        for key in one:
+            np.testing.assert_allclose(many[key], one[key], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"fsdp={fsdp_devices} {key}")
 
 
 def _loader(run_dir, step):
