@@ -48,6 +48,19 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
     return out
 
 
+def shapes(tree: Mapping[str, Any], prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """A nested dict -> `{"a/b/c": shape}`; leaves may be arrays or `jax.ShapeDtypeStruct`s
+    (what `jax.eval_shape` gives), so a network's expected layout needs no materialising."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(shapes(value, name + "/"))
+        else:
+            out[name] = tuple(value.shape) if hasattr(value, "shape") else tuple(np.shape(value))
+    return out
+
+
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     """`{"a/b/c": array}` -> a nested dict (the flax params tree)."""
     tree: dict[str, Any] = {}

@@ -32,6 +32,7 @@ import numpy as np
 
 from common import flow_math
 from common.config import FlowConfig
+from convert import canonical
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": nn.relu,
@@ -172,51 +173,18 @@ def sample_chunk(params: Any, model: FlowPolicyNet, obs: Mapping[str, jax.Array]
 # ---------------------------------------------------------------- canonical names / checks
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested params -> the canonical flat dict `{"obs_encoder/dense_0/kernel": array, ...}`."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def param_shapes(model: FlowPolicyNet, state_dim: int) -> dict[str, tuple[int, ...]]:
     """Canonical name -> shape of the params `model` has for `state_dim` (no materialising)."""
     abstract = jax.eval_shape(functools.partial(init_params, model, state_dim=state_dim),
                               jax.random.PRNGKey(0))
-    return {k: tuple(v.shape) for k, v in flatten(abstract).items()}
-
-
-def mismatches(found: Mapping[str, tuple[int, ...]],
-               expected: Mapping[str, tuple[int, ...]]) -> list[str]:
-    """Human-readable differences between two name -> shape maps (empty when they agree)."""
-    problems = [f"missing {k}" for k in sorted(set(expected) - set(found))]
-    problems += [f"unexpected {k}" for k in sorted(set(found) - set(expected))]
-    problems += [f"{k}: found {list(found[k])}, expected {list(expected[k])}"
-                 for k in sorted(set(found) & set(expected))
-                 if tuple(found[k]) != tuple(expected[k])]
-    return problems
+    return canonical.shapes(abstract)
 
 
 def dims_from_params(params: Mapping[str, Any], horizon: int) -> tuple[int, int]:
     """(state_dim, action_dim) a trained model was built for, read off its canonical params."""
-    flat = flatten(params)
-    state_dim = int(np.shape(flat["obs_encoder/dense_0/kernel"])[0])
-    out = int(np.shape(flat["action_expert/head/bias"])[0])
+    found = canonical.shapes(params)
+    state_dim = int(found["obs_encoder/dense_0/kernel"][0])
+    out = int(found["action_expert/head/bias"][0])
     if out % horizon:
         raise ValueError(f"action_expert/head has {out} outputs, not a multiple of the action "
                          f"horizon {horizon}.")
@@ -297,11 +265,10 @@ def load_model(step_dir: Any, config: Any, *, deterministic: bool = True, seed: 
         raise CheckpointError(f"The params in {step_dir} are not a flow chunk policy with "
                               f"--data.action-horizon {horizon}: {error}") from None
     model = make_model(config.algo, action_dim=action_dim, horizon=horizon)
-    found = {k: tuple(np.shape(v)) for k, v in flatten(params["model"]).items()}
-    problems = mismatches(found, param_shapes(model, state_dim))
+    problems = canonical.problems(canonical.shapes(params["model"]), param_shapes(model, state_dim))
     if problems:
         raise CheckpointError(f"The params in {step_dir} do not match the network its "
-                              f"assets/config.json describes: {'; '.join(problems)}.")
+                              f"assets/config.json describes: {' | '.join(problems)}.")
     stats = load_norm_stats(step_dir, config.name) if data.use_norm_stats else None
     if stats is not None:
         for key, dim in (("state", state_dim), ("actions", action_dim)):

@@ -40,6 +40,7 @@ from common import lerobot_data
 from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common.config import ConfigError, FlowConfig, TrainConfig
+from convert import canonical
 from vibe_rl_jax import checkpoints, flow, schedules, sharding
 from vibe_rl_jax.train import TrainResult
 
@@ -266,12 +267,11 @@ def _restore(manager, run_dir, abstract, state_sharding, replicated, model, stat
              iterator) -> dict[str, Any]:
     """The latest checkpoint's train state on this mesh; the loader continues at its position."""
     step = manager.latest_step()
-    found = {k: tuple(np.shape(v)) for k, v in
-             flow.flatten(checkpoints.load_params(run_dir / str(step))["model"]).items()}
-    problems = flow.mismatches(found, flow.param_shapes(model, state_dim))
+    found = canonical.shapes(checkpoints.load_params(run_dir / str(step))["model"])
+    problems = canonical.problems(found, flow.param_shapes(model, state_dim))
     if problems:
         raise ConfigError(f"Cannot resume {run_dir / str(step)}: its params do not fit the model "
-                          f"this config and dataset make ({'; '.join(problems)}). Did the dataset "
+                          f"this config and dataset make ({' | '.join(problems)}). Did the dataset "
                           f"or the network change? Start a new --exp-name or pass --overwrite.")
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sharding)

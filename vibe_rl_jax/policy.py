@@ -27,6 +27,7 @@ import numpy as np
 from common.config import TrainConfig
 from common.policy import (ACTIONS_KEY, OBSERVATION_KEY, ArraySpec, CheckpointError, LoadedModel,
                            action_spec_metadata)
+from convert import canonical
 from convert.families import Spaces
 from vibe_rl_jax import checkpoints, envs
 from vibe_rl_jax.distributions import DiagGaussian
@@ -47,15 +48,6 @@ def use_inline_cpu_execution() -> None:
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, tuple[int, ...]]:
-    if isinstance(tree, dict):
-        out: dict[str, tuple[int, ...]] = {}
-        for key, value in tree.items():
-            out.update(_flat(value, f"{prefix}{key}/"))
-        return out
-    return {prefix[:-1]: tuple(np.shape(tree))}
-
-
 def check_params(params: dict[str, Any], network: Any, obs_shape: tuple[int, ...],
                  normalize_obs: bool, step_dir: pathlib.Path | str, scope: str | None = None) -> None:
     """Raise one CheckpointError listing every missing, unexpected or mis-shaped parameter.
@@ -66,19 +58,14 @@ def check_params(params: dict[str, Any], network: Any, obs_shape: tuple[int, ...
                                    jnp.zeros((1, *obs_shape), jnp.float32))["params"]
     if scope is not None:
         expected_tree = {scope: expected_tree}
-    expected = {f"model/{k}": v for k, v in _flat(dict(expected_tree)).items()}
+    expected = canonical.shapes({"model": dict(expected_tree)})
     if normalize_obs:
         expected.update({"obs_normalizer/mean": obs_shape, "obs_normalizer/var": obs_shape})
-    found = _flat(params)
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    shapes = sorted(f"{k}: checkpoint {list(found[k])} vs config {list(expected[k])}"
-                    for k in set(expected) & set(found) if tuple(found[k]) != tuple(expected[k]))
-    if missing or unexpected or shapes:
+    problems = canonical.problems(canonical.shapes(params), expected)
+    if problems:
         raise CheckpointError(
-            f"The params in {step_dir} do not match the network its assets/config.json describes. "
-            f"Missing: {missing or 'none'}. Unexpected: {unexpected or 'none'}. "
-            f"Wrong shape: {shapes or 'none'}.")
+            f"The params in {step_dir} do not match the network its assets/config.json describes: "
+            f"{' | '.join(problems)}.")
 
 
 def spaces(config: TrainConfig) -> Spaces:

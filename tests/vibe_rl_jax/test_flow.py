@@ -19,6 +19,7 @@ from common import lerobot_data as ld  # noqa: E402
 from common import normalize, presets  # noqa: E402
 from common import run_dir as rd  # noqa: E402
 from common.config import ConfigError, FlowConfig  # noqa: E402
+from convert import canonical  # noqa: E402
 from vibe_rl_jax import checkpoints, flow  # noqa: E402
 from vibe_rl_jax import train as jax_train  # noqa: E402
 from tests.conftest import run_script  # noqa: E402
@@ -95,7 +96,7 @@ def test_canonical_param_names_and_shapes(mode):
     assert shapes == expected
     params = flow.init_params(model, jax.random.PRNGKey(0), 3)
     assert flow.dims_from_params(params, horizon=5) == (3, 2)
-    assert flow.unflatten(flow.flatten(params)).keys() == params.keys()
+    assert canonical.unflatten(canonical.flatten(params)).keys() == params.keys()
 
 
 def _batch(rng, b=6, h=4, a=2, s=3):

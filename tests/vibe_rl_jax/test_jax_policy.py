@@ -131,7 +131,7 @@ def test_params_that_do_not_match_the_config_list_every_difference(tmp_path):
         policy_lib.create_trained_policy(step_dir)
     message = str(error.value)
     assert "model/actor/dense_1/kernel" in message and "model/critic/dense_1/bias" in message
-    assert "model/actor/dense_0/kernel: checkpoint [4, 32] vs config [4, 64]" in message
+    assert "model/actor/dense_0/kernel: expected (4, 64), got (4, 32)" in message
 
 
 def test_missing_observation_normaliser_is_an_error(tmp_path):

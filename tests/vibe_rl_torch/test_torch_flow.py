@@ -15,6 +15,7 @@ from common import lerobot_data as ld  # noqa: E402
 from common import normalize, presets  # noqa: E402
 from common import run_dir as rd  # noqa: E402
 from common.config import ConfigError, FlowConfig  # noqa: E402
+from convert import canonical  # noqa: E402
 from vibe_rl_torch import checkpoints, networks  # noqa: E402
 from vibe_rl_torch import flow as torch_flow  # noqa: E402
 from vibe_rl_torch import train as torch_train  # noqa: E402
@@ -64,15 +65,15 @@ def test_jax_and_torch_models_agree_through_the_canonical_dict(config):
 
     jmodel = jax_flow.make_model(config, action_dim=2, horizon=5)
     jparams = jax_flow.init_params(jmodel, jax.random.PRNGKey(3), 3)
-    canonical = {k: np.asarray(v) for k, v in jax_flow.flatten(jparams).items()}
+    flat = canonical.flatten(jparams)
     tmodel = torch_flow.make_model(config, state_dim=3, action_dim=2, horizon=5)
-    assert set(networks.canonical_params(tmodel)) == set(canonical)
+    assert set(networks.canonical_params(tmodel)) == set(flat)
     assert {k: v.shape for k, v in networks.canonical_params(tmodel).items()} == \
-        {k: v.shape for k, v in canonical.items()}
-    networks.load_canonical(tmodel, canonical)
+        {k: v.shape for k, v in flat.items()}
+    networks.load_canonical(tmodel, flat)
     # ... and back: the round trip is exact.
     for k, v in networks.canonical_params(tmodel).items():
-        np.testing.assert_array_equal(v, canonical[k])
+        np.testing.assert_array_equal(v, flat[k])
 
     rng = np.random.default_rng(4)
     state = rng.normal(size=(6, 3)).astype(np.float32)
