@@ -443,8 +443,9 @@ def create_trained_policy(checkpoint_dir: pathlib.Path | str, backend: str | Non
     """Load a checkpoint step (or a run directory's latest step) as a ready-to-serve Policy.
 
     The backend is detected from params/ (orbax -> "jax", model.safetensors ->
-    "torch"); passing another one than the checkpoint's is an error that says
-    how to convert. `deterministic` picks the greedy/mean action; otherwise
+    "torch"); passing the other one converts the checkpoint first (into a
+    temporary directory, with the converter's checks, without writing next to
+    the source), so either framework can serve what either trained. `deterministic` picks the greedy/mean action; otherwise
     actions are sampled from a stream seeded with `seed`. The model is compiled
     for batches up to `warmup_batch` before this returns.
     """
@@ -452,10 +453,10 @@ def create_trained_policy(checkpoint_dir: pathlib.Path | str, backend: str | Non
     step_dir = resolve_step_dir(checkpoint_dir)
     written_by = detect_backend(step_dir)
     if backend is not None and backend != written_by:
-        raise CheckpointError(
-            f"{step_dir} was written by the {written_by} backend; serving it with {backend} needs a "
-            f"converted checkpoint: `python scripts/convert_checkpoint.py --checkpoint-dir "
-            f"{step_dir} --to {backend} --output <dir>`, then serve <dir>. Or drop --backend.")
+        return _create_converted_policy(step_dir, backend, input_transforms=input_transforms,
+                                        output_transforms=output_transforms,
+                                        deterministic=deterministic, seed=seed,
+                                        warmup_batch=warmup_batch)
     config = load_config(step_dir)
     norm_stats = load_norm_stats(step_dir, config.name) if uses_norm_stats(config) else None
     model = _load_model_fn(written_by)(step_dir, config, deterministic=deterministic, seed=seed)
@@ -482,4 +483,31 @@ def create_trained_policy(checkpoint_dir: pathlib.Path | str, backend: str | Non
     warm = policy.warmup(warmup_batch)
     logger.info("Loaded %s policy %s (%s, step %s) in %.2f s, warm-up %.2f s", written_by,
                 step_dir, config.name, metadata["step"], loaded - start, warm)
+    return policy
+
+
+def _create_converted_policy(step_dir: pathlib.Path, backend: str, **kwargs: Any) -> Policy:
+    """Serve `step_dir` with the other backend: convert it to a temporary step, load that.
+
+    The converter (convert/) is the one path between the frameworks, so this
+    is the same conversion `scripts/convert_checkpoint.py` writes, checked the
+    same way (strict names and shapes, digest of the written params); the
+    cross-backend action check is skipped because the served policy's warm-up
+    and the converter's tests cover it. The loaded policy holds its params in
+    memory, so the temporary copy is removed once loaded.
+    """
+    import tempfile
+
+    from convert.checkpoint import ConversionError, convert_checkpoint  # lazily: needs both loaders
+
+    with tempfile.TemporaryDirectory(prefix="vibe-rl-serve-") as tmp:
+        try:
+            converted = convert_checkpoint(step_dir, backend, tmp, check=False)
+        except (ConversionError, BackendUnavailableError) as error:
+            raise CheckpointError(f"Cannot serve {step_dir} (written by the "
+                                  f"{detect_backend(step_dir)} backend) with {backend}: {error}") from None
+        policy = create_trained_policy(converted.step_dir, backend, **kwargs)
+    policy.metadata["converted_from"]["path"] = str(step_dir)
+    logger.info("Converted %s to %s in memory to serve it (convert_checkpoint.py writes the same "
+                "checkpoint to disk).", step_dir, backend)
     return policy

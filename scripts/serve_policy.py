@@ -41,7 +41,8 @@ class Args:
     policy: PolicyArgs
     """Which checkpoint to serve."""
     backend: Literal["jax", "torch"] | None = None
-    """Backend to serve with; default: the one that wrote the checkpoint."""
+    """Backend to serve with; default: the one that wrote the checkpoint (the other one converts it
+    on the fly with convert/, as scripts/convert_checkpoint.py would)."""
     host: str = serving.DEFAULT_HOST
     """Address to listen on. Only localhost by default; 0.0.0.0 exposes it to the network."""
     port: int = serving.DEFAULT_PORT

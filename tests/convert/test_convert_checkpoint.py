@@ -98,6 +98,11 @@ def test_both_backends_serve_the_same_actions_for_every_preset(preset, tmp_path)
             assert np.std(a) > 1e-3
         one = converted.infer({"observation": obs[0]})["actions"]  # unbatched path too
         np.testing.assert_allclose(one, b[0], rtol=0, atol=1e-6)  # (batch 1 vs 128 kernels)
+        # Serving the source with the other backend converts it on the fly: the same policy.
+        served = policy_lib.create_trained_policy(src, target, warmup_batch=1)
+        assert served.metadata["backend"] == target
+        assert served.metadata["converted_from"]["path"] == str(src)
+        np.testing.assert_array_equal(served.infer_batch({"observation": obs})["actions"], b)
 
 
 def test_torch_policy_samples_reproducibly_and_refuses_sampling_a_dqn(tmp_path):

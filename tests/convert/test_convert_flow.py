@@ -128,6 +128,11 @@ def test_converted_flow_policy_serves_the_same_chunks(jax_flow_step, tmp_path):
     # and the deterministic served policies are each reproducible
     np.testing.assert_array_equal(
         target.infer_batch({policy_lib.OBSERVATION_KEY: obs})[policy_lib.ACTIONS_KEY], b)
+    # Serving the JAX step with --backend torch converts on the fly: the same Torch policy.
+    served = policy_lib.create_trained_policy(jax_flow_step, "torch", warmup_batch=1)
+    assert served.metadata["execute_horizon"] == target.metadata["execute_horizon"]
+    np.testing.assert_array_equal(
+        served.infer_batch({policy_lib.OBSERVATION_KEY: obs})[policy_lib.ACTIONS_KEY], b)
 
 
 def test_flow_norm_stats_that_disagree_with_the_params_are_an_error(jax_flow_step, tmp_path):
