@@ -177,12 +177,20 @@ def load_params(step_dir: pathlib.Path | str) -> dict[str, Any]:
     path = pathlib.Path(step_dir).absolute() / PARAMS
     if not path.is_dir():
         raise FileNotFoundError(f"No params/ in {step_dir}: expected {path}.")
-    with ocp.StandardCheckpointer() as checkpointer:
-        metadata = checkpointer.metadata(path).item_metadata
-        target = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                           sharding=jax.sharding.SingleDeviceSharding(
-                                               jax.local_devices(backend="cpu")[0])),
-            metadata)
-        restored = checkpointer.restore(path, target)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            metadata = checkpointer.metadata(path).item_metadata
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                               sharding=jax.sharding.SingleDeviceSharding(
+                                                   jax.local_devices(backend="cpu")[0])),
+                metadata)
+            restored = checkpointer.restore(path, target)
+    except (KeyError, ValueError, OSError, TypeError) as error:  # orbax's own, often cryptic
+        from common.policy import CheckpointError
+
+        raise CheckpointError(
+            f"Cannot read the JAX params in {path} ({type(error).__name__}: {error}). The "
+            f"directory is not a complete orbax checkpoint: pick another step (complete steps "
+            f"are listed by common.run_dir.complete_steps) or re-save it.") from None
     return jax.tree.map(np.asarray, restored)
