@@ -81,7 +81,8 @@ class DataConfig:
     assets_dir: str = "assets"
     """Root of per-preset assets (norm stats) written by scripts/compute_norm_stats.py."""
     batch_size: int = 64
-    """Samples per batch on each process (global batch = this x data-parallel processes)."""
+    """Samples per training step over all processes (the global batch; each JAX process or torchrun
+    rank loads its slice of it, so it must divide by their number)."""
     seed: int = 0
     """Seed of the shuffle order (the order is a pure function of seed and epoch)."""
     shuffle: bool = True
@@ -455,9 +456,8 @@ class ShuffleOrder:
             raise ValueError(f"shard_index {self.shard_index} not in [0, {self.num_shards}).")
         if self.batches_per_epoch == 0:
             raise DatasetError(
-                f"The dataset has {self.num_samples} samples, fewer than one global batch of "
-                f"{self.global_batch} (batch size {self.batch_size} x {self.num_shards} "
-                f"processes); lower --data.batch-size or collect more data.")
+                f"The dataset has {self.num_samples} samples, fewer than one batch of "
+                f"{self.global_batch} (--data.batch-size); lower it or collect more data.")
 
     @property
     def global_batch(self) -> int:

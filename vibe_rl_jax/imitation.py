@@ -41,7 +41,7 @@ from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common.config import ConfigError, FlowConfig, TrainConfig
 from convert import canonical
-from vibe_rl_jax import checkpoints, flow, schedules, sharding
+from vibe_rl_jax import checkpoints, distributed, flow, schedules, sharding
 from vibe_rl_jax.train import TrainResult
 
 logger = logging.getLogger("vibe_rl")
@@ -120,8 +120,13 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
     mesh = sharding.make_mesh(config.fsdp_devices)
     data_sharding = sharding.data_sharding(mesh)
     replicated = sharding.replicated(mesh)
-    global_batch = data.batch_size * jax.process_count()
-    sharding.check_divisible("--data.batch-size x processes", global_batch, mesh)
+    # --data.batch-size is the global batch (as --env.num-envs is global on both backends):
+    # each process loads its slice of every global batch.
+    if data.batch_size % jax.process_count():
+        raise ConfigError(f"--data.batch-size ({data.batch_size}) must be divisible by the "
+                          f"number of JAX processes ({jax.process_count()}).")
+    sharding.check_divisible("--data.batch-size", data.batch_size, mesh)
+    process_data = dataclasses.replace(data, batch_size=data.batch_size // jax.process_count())
 
     def to_device(batch: dict) -> dict:
         batch = {k: np.asarray(v) for k, v in batch.items()}
@@ -129,14 +134,13 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
 
     try:
         iterator = lerobot_data.make_batch_iterator(
-            data, source, transform=input_fn, device_put=to_device,
+            process_data, source, transform=input_fn, device_put=to_device,
             shard_index=jax.process_index(), num_shards=jax.process_count())
     except lerobot_data.DatasetError as error:
         raise ConfigError(str(error)) from None
 
     run_dir = config.run_dir
-    resuming = run_dir_lib.initialize_run_dir(run_dir, resume=config.resume,
-                                              overwrite=config.overwrite) if is_primary else config.resume
+    resuming = distributed.prepare_run_dir(config)
     logger.info("Run directory %s | %d device(s), mesh %s | %d frames, %d episodes, state %d, "
                 "actions %d x %d", run_dir.absolute(), mesh.size, dict(mesh.shape), len(source),
                 source.num_episodes, state_dim, data.action_horizon, action_dim)
@@ -174,7 +178,7 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
                                       wandb_enabled=config.wandb_enabled,
                                       progress=config.progress_bar, active=is_primary)
     sample = input_fn(source.get_batch(np.arange(data.batch_size)))
-    abstract_batch = {k: jax.ShapeDtypeStruct((global_batch, *np.shape(sample[k])[1:]),
+    abstract_batch = {k: jax.ShapeDtypeStruct((data.batch_size, *np.shape(sample[k])[1:]),
                                               np.asarray(sample[k]).dtype, sharding=data_sharding)
                       for k in imitation_lib.BATCH_KEYS}
     compile_start = time.perf_counter()
@@ -228,7 +232,7 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
                 seconds = max(now - last_time, 1e-9)
                 scalars = {loss_tag: float(np.mean(jax.device_get(losses))),
                            metrics_lib.LEARNING_RATE: float(schedule(step - 1)),
-                           metrics_lib.SPS: len(losses) * global_batch / seconds,
+                           metrics_lib.SPS: len(losses) * data.batch_size / seconds,
                            metrics_lib.DATA_WAIT_FRAC: iterator.pop_data_wait() / seconds}
                 writer.write(step, scalars)
                 history.append({"step": step, "time": now - start_time, **scalars})

@@ -23,7 +23,7 @@ from common import config as config_lib
 from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common.config import TrainConfig
-from vibe_rl_jax import algorithms, checkpoints, envs, sharding
+from vibe_rl_jax import algorithms, checkpoints, distributed, envs, sharding
 
 logger = logging.getLogger("vibe_rl")
 
@@ -41,6 +41,7 @@ class TrainResult:
 
 def validate(config: TrainConfig) -> None:
     """Backend-specific checks that the config tree cannot do without importing gymnax."""
+    distributed.check_launcher()
     if config.algo.kind == "flow":  # imitation: a gymnasium eval env, no gymnax env
         from vibe_rl_jax import imitation
         return imitation.validate(config)
@@ -80,8 +81,7 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     validate(config)
     is_primary = jax.process_index() == 0
     run_dir = config.run_dir
-    resuming = run_dir_lib.initialize_run_dir(run_dir, resume=config.resume,
-                                              overwrite=config.overwrite) if is_primary else config.resume
+    resuming = distributed.prepare_run_dir(config)
     mesh = sharding.make_mesh(config.fsdp_devices)
     logger.info("Run directory %s | %d device(s), mesh %s", run_dir.absolute(), mesh.size,
                 dict(mesh.shape))

@@ -131,20 +131,43 @@ def make_model(config: FlowConfig, *, state_dim: int, action_dim: int, horizon: 
 
 
 def loss_fn(model: FlowPolicyNet, batch: Mapping[str, torch.Tensor],
-            generator: torch.Generator | None = None) -> torch.Tensor:
-    """pi0's flow loss (or the regression MSE), masked by `actions_is_pad`."""
+            generator: torch.Generator | None = None, *, shard_index: int = 0,
+            num_shards: int = 1) -> torch.Tensor:
+    """pi0's flow loss (or the regression MSE), masked by `actions_is_pad`.
+
+    With `num_shards` > 1, `batch` is slice `shard_index` of a global batch
+    split evenly over data-parallel ranks: every rank draws the noise and times
+    of the whole global batch from its (identically seeded) generator and keeps
+    its slice, so together the ranks use exactly the draws one process would
+    and their generators stay equal. The cost is num_shards x B x H x A normal
+    draws per step, small next to the network's forward pass. The loss is the
+    masked mean over this slice (`valid_count` entries).
+    """
     actions = batch[ACTIONS_KEY]
     is_pad = batch.get(IS_PAD_KEY)
     obs = {STATE_KEY: batch[STATE_KEY]}
     if model.mode == "regression":
         return flow_math.masked_mse(model(obs), actions, is_pad, torch)
-    noise = torch.randn(actions.shape, generator=generator, dtype=actions.dtype,
-                        device=actions.device)
-    u = torch.rand(actions.shape[:1], generator=generator, dtype=actions.dtype,
+    size = actions.shape[0]
+    noise = torch.randn((size * num_shards, *actions.shape[1:]), generator=generator,
+                        dtype=actions.dtype, device=actions.device)
+    u = torch.rand((size * num_shards,), generator=generator, dtype=actions.dtype,
                    device=actions.device)
+    if num_shards > 1:
+        mine = slice(shard_index * size, (shard_index + 1) * size)
+        noise, u = noise[mine], u[mine]
     t = flow_math.time_from_uniform(u, torch)
     x_t = flow_math.noisy_actions(t, noise, actions)
     return flow_math.flow_loss(model(obs, x_t, t), noise, actions, is_pad, torch)
+
+
+def valid_count(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """How many action entries `loss_fn` averages over (float): those not in padded steps."""
+    actions = batch[ACTIONS_KEY]
+    is_pad = batch.get(IS_PAD_KEY)
+    if is_pad is None:
+        return torch.tensor(float(actions.numel()), device=actions.device)
+    return (~is_pad.bool()).sum().to(actions.dtype) * actions.shape[-1]
 
 
 def sample_chunk(model: FlowPolicyNet, obs: Mapping[str, torch.Tensor],

@@ -1,20 +1,36 @@
 """Supervised training of the flow (or regression) chunk policy on the Torch backend.
 
-The mirror of vibe_rl_jax/imitation.py with the Torch backend's pieces: the
-run-directory rules (`common.run_dir.initialize_run_dir`), the atomic step
-writer and retention (`vibe_rl_torch.checkpoints`), the shared metric tags
-(`common.metrics.MetricWriter`), the data loader over the same seeded order
-(`common.lerobot_data.make_torch_loader`). The optimizer is `torch.optim.AdamW`
-after a global-norm clip, its learning rate `common.schedules.lr_at` (the
-reference the optax schedule of the JAX side matches), EMA optional.
+The mirror of vibe_rl_jax/imitation.py as a LightningModule (`ImitationModule`)
+run by the same Lightning Trainer set-up as PPO/DQN/SAC (`vibe_rl_torch.runtime`):
+one process, or DDP under torchrun on one node or many (gloo on CPU, NCCL on
+GPU; world size and ranks from the torchrun environment only). One
+`training_step` is one AdamW step (after a global-norm clip, learning rate
+`common.schedules.lr_at`'s warmup + cosine through `LambdaLR`), then the EMA
+update when EMA is on. The run-dir rules, the atomic step writer, the metric
+tags and the console line are the RL trainer's.
 
-A plain training loop on one process (a step is one small batch; Lightning's
-per-step machinery would cost more than the step). `trainer.pt` holds the raw
-weights, EMA weights, optimizer and scheduler state, step, the noise
-generator's state and the loader position, so `--resume` continues at the same
-sample and gives the same weights as a straight run; `params/model.safetensors`
-holds the canonical inference weights (the EMA ones when EMA is on) and
-`assets/` config.json and norm_stats.json.
+Data parallelism: `--data.batch-size` is the *global* batch (as on one JAX
+host). Each of the WORLD_SIZE ranks reads its own disjoint slice of every
+global batch of the one seeded shuffle (`common.lerobot_data.ShuffleOrder`
+with shard = rank), so every rank shares one loader position; each rank draws
+the flow noise of the whole global batch from identically seeded generators
+and keeps its slice; the loss each rank back-propagates is its share of the
+masked mean over the *global* batch (the count of valid action entries is
+summed over ranks), and DDP averages the gradients. A step on W ranks is thus
+the step one process takes on the concatenated batch, up to float summation
+order, and the logged loss is the global batch's. Only rank 0 evaluates and
+writes logs and checkpoints.
+
+`trainer.pt` holds the raw weights, EMA weights, optimizer and scheduler
+state, step, the noise generator's state and the loader position (all equal
+on every rank), so `--resume` continues at the same sample and, on one
+process or at the same world size, gives the same weights as a straight run
+(on another world size it continues at the same sample, equal up to float
+summation order). No other randomness is drawn: initial weights come from
+`config.seed`, the shuffle is a pure function of (data seed, epoch, position),
+evaluation episodes have their own seeds. `params/model.safetensors` holds the
+canonical inference weights (the EMA ones when EMA is on) and `assets/`
+config.json and norm_stats.json.
 """
 
 from __future__ import annotations
@@ -22,12 +38,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import queue
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
+import lightning as L
 import numpy as np
 import torch
 
@@ -39,11 +55,11 @@ from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common import schedules
 from common.config import ConfigError, TrainConfig
-from vibe_rl_torch import checkpoints, flow, networks
+from common.run_dir import RunDirError
+from vibe_rl_torch import checkpoints, distributed, flow, networks, runtime
+from vibe_rl_torch.distributed import DistInfo, LaunchError
 
 logger = logging.getLogger("vibe_rl")
-
-validate = imitation_lib.validate
 
 
 @dataclasses.dataclass
@@ -52,10 +68,29 @@ class ImitationResult:
     final_step: int
     params: dict[str, np.ndarray]  # canonical inference params
     module: flow.FlowPolicyNet  # the trained (raw, not EMA) model
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # rank 0's logged scalars (empty on other ranks)
     train_seconds: float
     ema: dict[str, torch.Tensor] | None = None
     eval: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def validate(config: TrainConfig, info: DistInfo | None = None) -> None:
+    """The shared imitation checks, and the global batch must split evenly over the ranks."""
+    imitation_lib.validate(config)
+    info = distributed.from_environment() if info is None else info
+    per_rank_batch(config, info)
+
+
+def per_rank_batch(config: TrainConfig, info: DistInfo) -> int:
+    """`--data.batch-size` is the global batch: each of WORLD_SIZE ranks reads batch / WORLD_SIZE."""
+    batch = config.data.batch_size
+    if batch % info.world_size:
+        raise LaunchError(
+            f"--data.batch-size ({batch}) must be divisible by the number of processes "
+            f"(WORLD_SIZE={info.world_size} from torchrun): it is the global batch and each rank "
+            f"reads batch-size / WORLD_SIZE samples of it. Change --data.batch-size or "
+            f"--nproc-per-node/--nnodes.")
+    return batch // info.world_size
 
 
 class Prefetcher:
@@ -109,19 +144,6 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def _check_single_process() -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("Imitation training on the Torch backend runs on one process; launch "
-                          "it without torchrun (or use --backend jax for data parallelism).")
-
-
-def _ema_update(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * params (optax.incremental_update's formula)."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            ema[name].mul_(decay).add_(param.detach(), alpha=1.0 - decay)
-
-
 def inference_params(model: flow.FlowPolicyNet,
                      ema: dict[str, torch.Tensor] | None) -> dict[str, np.ndarray]:
     """Canonical weights for params/: the EMA weights when EMA is on."""
@@ -138,72 +160,282 @@ def inference_params(model: flow.FlowPolicyNet,
 
 
 def _inference_model(model: flow.FlowPolicyNet, config: TrainConfig,
-                     ema: dict[str, torch.Tensor] | None, dims: tuple[int, int]):
-    copy = flow.make_model(config.algo, state_dim=dims[0], action_dim=dims[1],
+                     ema: dict[str, torch.Tensor] | None):
+    copy = flow.make_model(config.algo, state_dim=model.state_dim, action_dim=model.action_dim,
                            horizon=config.data.action_horizon)
     networks.load_canonical(copy, inference_params(model, ema))
     return copy.eval()
 
 
+def shard_loss(model: flow.FlowPolicyNet, batch: dict[str, torch.Tensor],
+               generator: torch.Generator, info: DistInfo,
+               reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what this rank back-propagates, its share of the global batch's loss).
+
+    `batch` is this rank's slice of the global batch. The flow loss is the
+    masked mean over the slice; rescaled by (valid entries here) / (valid
+    entries in the global batch, `reduce_sum` over ranks) it becomes this
+    rank's share of the global batch's masked mean, so the shares sum to the
+    loss one process computes on the whole batch. Back-propagating share x
+    WORLD_SIZE makes DDP's gradient average that loss's gradient. One process:
+    the loss itself, no collective.
+    """
+    world = info.world_size
+    loss = flow.loss_fn(model, batch, generator, shard_index=info.rank, num_shards=world)
+    if world == 1:
+        return loss, loss
+    count = flow.valid_count(batch)
+    share = loss * (count / reduce_sum(count.clone()))
+    return share * world, share
+
+
+class ImitationModule(L.LightningModule):
+    """One `training_step` = one optimizer step on this rank's slice of a global batch.
+
+    Optimisation is manual (as in PPO): the EMA update follows each optimizer
+    step, and the batch comes from this rank's resumable loader rather than
+    from Lightning's dataloader (which would prefetch past the position a
+    checkpoint must record); `fit` iterates over the update indices.
+    """
+
+    def __init__(self, config: TrainConfig, model: flow.FlowPolicyNet, loader: Any,
+                 info: DistInfo):
+        super().__init__()
+        self.automatic_optimization = False
+        self.config, self.algo, self.info = config, config.algo, info
+        self.model = model
+        self.loader = loader
+        self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
+                    if self.algo.ema_decay is not None else None)
+        self.noise_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.update_step = 0  # optimizer steps completed
+        self.last_lr = float("nan")  # the learning rate of the last step
+        self._restore: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------- optimizer / schedule
+    def configure_optimizers(self):
+        algo = self.algo
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.lr, betas=(0.9, 0.999),
+                                      eps=1e-8, weight_decay=algo.weight_decay, fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: schedules.lr_at("warmup_cosine", 1.0, s, algo.num_steps,
+                                                 algo.warmup_steps))
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+    def on_fit_start(self) -> None:
+        """Move the EMA and noise generator to the module's device; apply a pending restore."""
+        saved = self._restore or {}
+        if self.ema is not None:
+            self.ema = {name: value.to(self.device) for name, value in self.ema.items()}
+        if self.noise_gen.device != self.device:
+            self.noise_gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
+        if "noise_generator" in saved:
+            if saved.get("noise_generator_device", "cpu") == self.noise_gen.device.type:
+                self.noise_gen.set_state(saved["noise_generator"])
+            else:  # a CPU generator's state does not fit a CUDA one (or back)
+                self.noise_gen.manual_seed(int(np.random.SeedSequence(
+                    [self.config.seed + 1, self.update_step]).generate_state(1)[0]))
+                if self.info.is_primary:
+                    logger.warning("Resumed on %s a run saved on %s: the flow-noise generator is "
+                                   "re-seeded, so the run is not a bit-exact continuation.",
+                                   self.noise_gen.device.type, saved["noise_generator_device"])
+        if "optimizer" in saved:
+            self.trainer.optimizers[0].load_state_dict(saved["optimizer"])
+            self.trainer.lr_scheduler_configs[0].scheduler.load_state_dict(saved["scheduler"])
+        self._restore = None
+
+    # ---------------------------------------------------------------- update
+    def training_step(self, update: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        batch = {key: value.to(self.device, non_blocking=True)
+                 for key, value in next(self.loader).items()}
+        optimizer = self.optimizers()
+        scheduler = self.lr_schedulers()
+        loss, share = shard_loss(self.model, batch, self.noise_gen, self.info,
+                                 lambda x: self.trainer.strategy.reduce(x, reduce_op="sum"))
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self.clip_gradients(optimizer, gradient_clip_val=self.algo.max_grad_norm,
+                            gradient_clip_algorithm="norm")
+        self.last_lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        if self.ema is not None:
+            self._ema_update(self.algo.ema_decay)
+        self.update_step += 1
+        return {"loss_share": share.detach()}
+
+    def _ema_update(self, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * params (optax.incremental_update's formula)."""
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                self.ema[name].mul_(decay).add_(param.detach(), alpha=1.0 - decay)
+
+    # ---------------------------------------------------------------- state
+    def trainer_state(self) -> dict[str, Any]:
+        """Everything resume needs (train_state/trainer.pt): equal on every rank."""
+        return {"update_step": self.update_step, "world_size": self.info.world_size,
+                "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()},
+                "optimizer": self.trainer.optimizers[0].state_dict(),
+                "scheduler": self.trainer.lr_scheduler_configs[0].scheduler.state_dict(),
+                "noise_generator": self.noise_gen.get_state(),
+                "noise_generator_device": self.noise_gen.device.type,
+                "loader": self.loader.state_dict()}
+
+    def load_trainer_state(self, state: dict[str, Any], step_dir: Any) -> None:
+        """Weights, EMA, step and loader position now; optimizer and generator at fit start."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as error:
+            raise ConfigError(f"Cannot resume {step_dir}: its weights do not fit the model this "
+                              f"config and dataset make ({error}). Start a new --exp-name or pass "
+                              f"--overwrite.") from None
+        if self.ema is not None:
+            if state.get("ema") is None:
+                raise ConfigError(f"{step_dir} was trained without EMA; resume without "
+                                  f"--algo.ema-decay or start a new run.")
+            for name in self.ema:
+                self.ema[name].copy_(state["ema"][name])
+        try:
+            self.loader.load_state_dict(state["loader"])
+        except ValueError as error:
+            raise ConfigError(f"Cannot resume {step_dir}: {error}") from None
+        self.update_step = int(state["update_step"])
+        self._restore = {key: state[key] for key in ("optimizer", "scheduler", "noise_generator")}
+        self._restore["noise_generator_device"] = state.get("noise_generator_device", "cpu")
+
+
+class _Bookkeeper(L.Callback):
+    """After each step: sum the loss; every log_interval log; eval_interval evaluate; save."""
+
+    def __init__(self, config: TrainConfig, info: DistInfo, end: int,
+                 writer: metrics_lib.MetricWriter, saver: checkpoints.CheckpointWriter | None,
+                 save_files: dict[str, bytes], evaluate):
+        self.config, self.info, self.end = config, info, end
+        self.writer, self.saver, self.save_files = writer, saver, save_files
+        self.evaluate = evaluate
+        self.loss_tag = metrics_lib.loss_tag(config.algo.mode)
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.updates = 0
+        self.history: list[dict[str, float]] = []
+        self.start_time = self.last_time = time.perf_counter()
+
+    def on_train_start(self, trainer, module: ImitationModule) -> None:
+        self.start_time = self.last_time = time.perf_counter()
+        module.loader.pop_data_wait()
+
+    def on_train_batch_end(self, trainer, module: ImitationModule, outputs, batch,
+                           batch_idx) -> None:
+        self.loss_sum = self.loss_sum + outputs["loss_share"].double()
+        self.updates += 1
+        step, config, algo = module.update_step, self.config, self.config.algo
+        if step % config.log_interval == 0 or step == self.end:
+            self._log(module, step)
+        if algo.eval_episodes and algo.eval_interval and step % algo.eval_interval == 0 \
+                and step < config.num_updates and self.info.is_primary:
+            self.evaluate(step)
+        if step % config.save_interval == 0 or step == self.end:
+            self.save(module, step)
+        if step % config.log_interval == 0:
+            self.last_time = time.perf_counter()
+            module.loader.pop_data_wait()
+
+    def _log(self, module: ImitationModule, step: int) -> None:
+        now = time.perf_counter()
+        seconds = max(now - self.last_time, 1e-9)
+        loss_sum, wait = distributed.all_reduce_sum(
+            [float(self.loss_sum), module.loader.pop_data_wait()]).tolist()
+        scalars = {self.loss_tag: loss_sum / self.updates,
+                   metrics_lib.LEARNING_RATE: module.last_lr,
+                   metrics_lib.SPS: self.updates * self.config.data.batch_size / seconds,
+                   metrics_lib.DATA_WAIT_FRAC: wait / self.info.world_size / seconds}
+        self.loss_sum, self.updates = 0.0, 0
+        self.writer.write(step, scalars)
+        self.history.append({"step": step, "time": now - self.start_time, **scalars})
+        self.writer.progress(step, self.config.num_updates, scalars[metrics_lib.SPS],
+                             scalars[self.loss_tag], step_name="step", rate_unit="samples/s",
+                             value_name="loss")
+
+    def save(self, module: ImitationModule, step: int) -> None:
+        runtime.check_in_sync(module.model, self.info, step)
+        if self.saver is None:
+            return
+        files = checkpoints.step_files(params=inference_params(module.model, module.ema),
+                                       trainer_state=module.trainer_state(), rank_states=[],
+                                       config=config_lib.to_dict(self.config))
+        self.saver.save(step, {**files, **self.save_files})
+
+
+def _read_checkpoint(run_dir, info: DistInfo) -> tuple[Any, dict[str, Any]]:
+    """Rank 0 reads the latest step's train state and sends it to every rank (no shared
+    filesystem needed across nodes)."""
+    payload: tuple[str, Any] | None = None
+    if info.is_primary:
+        step_dir = run_dir_lib.step_dir(run_dir, run_dir_lib.latest_step(run_dir))
+        try:
+            payload = ("ok", (step_dir, checkpoints.load_trainer_state(step_dir)))
+        except FileNotFoundError as error:
+            payload = ("error", str(error))
+    payload = distributed.broadcast_from_primary(payload)
+    if payload[0] == "error":
+        raise RunDirError(payload[1])
+    return payload[1]
+
+
 def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult:
     """Train `config` (algo kind flow) on the Torch backend; `stop_at` interrupts after that step."""
-    validate(config)
-    _check_single_process()
+    imitation_lib.validate(config)
+    with runtime.session() as (info, accelerator):
+        return _train(config, info, accelerator, stop_at)
+
+
+def _train(config: TrainConfig, info: DistInfo, accelerator: str,
+           stop_at: int | None) -> ImitationResult:
     algo, data = config.algo, config.data
+    batch = per_rank_batch(config, info)
     stats = imitation_lib.load_stats(config)
     source = imitation_lib.open_source(config)
     state_dim, action_dim = imitation_lib.check_dims(data, source.features, stats, config.name)
     group, batch_fn = imitation_lib.input_pipeline(data, stats)
     try:
-        loader = lerobot_data.make_torch_loader(data, source, transform=batch_fn)
+        loader = lerobot_data.make_torch_loader(
+            dataclasses.replace(data, batch_size=batch), source, transform=batch_fn,
+            shard_index=info.rank, num_shards=info.world_size, pin_memory=accelerator == "gpu")
     except lerobot_data.DatasetError as error:
         raise ConfigError(str(error)) from None
 
     run_dir = config.run_dir
-    resuming = run_dir_lib.initialize_run_dir(run_dir, resume=config.resume,
-                                              overwrite=config.overwrite)
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # tiny MLPs: one intra-op thread is fastest (as in train.py)
-    init_gen = torch.Generator().manual_seed(config.seed)
+    resuming = runtime.prepare_run_dir(config, info)
+    if info.is_primary:
+        logger.info("Run directory %s | %d process(es) on %d node(s), %s, global batch %d "
+                    "(%d per process)", run_dir.absolute(), info.world_size, info.num_nodes,
+                    accelerator, data.batch_size, batch)
     model = flow.make_model(algo, state_dim=state_dim, action_dim=action_dim,
-                            horizon=data.action_horizon, generator=init_gen)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=algo.weight_decay, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: schedules.lr_at("warmup_cosine", 1.0, s, algo.num_steps,
-                                             algo.warmup_steps))
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
-    ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
-           if algo.ema_decay is not None else None)
-    step = 0
-    config_dict = config_lib.to_dict(config)
+                            horizon=data.action_horizon,
+                            generator=torch.Generator().manual_seed(config.seed))
+    module = ImitationModule(config, model, loader, info)
     if resuming:
-        step = _restore(run_dir, model, optimizer, scheduler, noise_gen, ema, loader)
+        step_dir, state = _read_checkpoint(run_dir, info)
+        module.load_trainer_state(state, step_dir)
+        if info.is_primary:
+            logger.info("Resumed from %s at step %d (saved by %d process(es))", step_dir,
+                        module.update_step, int(state.get("world_size", 1)))
 
-    writer = metrics_lib.MetricWriter(run_dir, config=config_dict, resuming=resuming,
-                                      wandb_enabled=config.wandb_enabled,
-                                      progress=config.progress_bar)
-    saver = checkpoints.CheckpointWriter(run_dir, max_to_keep=config.max_to_keep,
-                                         keep_period=config.keep_period,
-                                         async_save=config.async_checkpointing)
-    extra_assets = {}
+    writer = metrics_lib.MetricWriter(run_dir, config=config_lib.to_dict(config),
+                                      resuming=resuming, wandb_enabled=config.wandb_enabled,
+                                      progress=config.progress_bar, active=info.is_primary)
+    saver = (checkpoints.CheckpointWriter(run_dir, max_to_keep=config.max_to_keep,
+                                          keep_period=config.keep_period,
+                                          async_save=config.async_checkpointing)
+             if info.is_primary else None)
+    save_files = {}
     if stats is not None:
-        extra_assets[f"{run_dir_lib.ASSETS_DIR}/{run_dir_lib.NORM_STATS_FILE}"] = json.dumps(
+        save_files[f"{run_dir_lib.ASSETS_DIR}/{run_dir_lib.NORM_STATS_FILE}"] = json.dumps(
             imitation_lib.stats_payload(stats), indent=2).encode()
 
-    def save(at: int) -> None:
-        trainer_state = {"update_step": at, "world_size": 1, "model": model.state_dict(),
-                         "ema": ema, "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(),
-                         "noise_generator": noise_gen.get_state(),
-                         "loader": loader.state_dict()}
-        files = checkpoints.step_files(params=inference_params(model, ema),
-                                       trainer_state=trainer_state, rank_states=[],
-                                       config=config_dict)
-        saver.save(at, {**files, **extra_assets})
-
     def evaluate(at: int) -> dict[str, float]:
-        chunk_fn = flow.make_chunk_fn(_inference_model(model, config, ema, (state_dim, action_dim)),
+        chunk_fn = flow.make_chunk_fn(_inference_model(model, config, module.ema),
                                       num_steps=algo.num_integration_steps, seed=config.seed,
                                       input_transform=group.input_fn(),
                                       output_transform=group.output_fn())
@@ -215,89 +447,34 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult
         if "success_rate" in result:
             scalars[metrics_lib.EVAL_SUCCESS_RATE] = result["success_rate"]
         writer.write(at, scalars)
-        history.append({"step": at, **scalars})
+        bookkeeper.history.append({"step": at, **scalars})
         logger.info("Eval at step %d: %s", at, " ".join(f"{k} {v:.3f}" for k, v in scalars.items()))
         return result
 
     total = config.num_updates
     end = total if stop_at is None else min(stop_at, total)
-    loss_tag = metrics_lib.loss_tag(algo.mode)
-    history: list[dict[str, float]] = []
-    losses: list[float] = []
-    final_eval: dict[str, float] = {}
-    model.train()
+    bookkeeper = _Bookkeeper(config, info, end, writer, saver, save_files, evaluate)
+    trainer = runtime.make_trainer(info, accelerator, [bookkeeper])
     if data.prefetch > 0 and data.num_workers == 0:
-        loader = Prefetcher(loader, data.prefetch)
-    start_time = last_time = time.perf_counter()
-    loader.pop_data_wait()
+        module.loader = Prefetcher(loader, data.prefetch)
+    train_seconds = 0.0
+    final_eval: dict[str, float] = {}
     try:
-        while step < end:
-            batch = next(loader)
-            loss = flow.loss_fn(model, batch, noise_gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), algo.max_grad_norm)
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                _ema_update(ema, model, algo.ema_decay)
-            losses.append(float(loss.detach()))
-            step += 1
-            if step % config.log_interval == 0 or step == end:
-                now = time.perf_counter()
-                seconds = max(now - last_time, 1e-9)
-                scalars = {loss_tag: float(np.mean(losses)), metrics_lib.LEARNING_RATE: lr,
-                           metrics_lib.SPS: len(losses) * data.batch_size / seconds,
-                           metrics_lib.DATA_WAIT_FRAC: loader.pop_data_wait() / seconds}
-                writer.write(step, scalars)
-                history.append({"step": step, "time": now - start_time, **scalars})
-                writer.progress(step, total, scalars[metrics_lib.SPS], scalars[loss_tag],
-                                step_name="step", rate_unit="samples/s", value_name="loss")
-                losses = []
-            if algo.eval_episodes and algo.eval_interval and step % algo.eval_interval == 0 \
-                    and step < total:
-                evaluate(step)
-            if step % config.save_interval == 0 or step == end:
-                save(step)
-            if step % config.log_interval == 0:
-                last_time = time.perf_counter()
-                loader.pop_data_wait()
-        train_seconds = time.perf_counter() - start_time
-        if algo.eval_episodes and step == total:
-            final_eval = evaluate(step)
-        saver.wait()
+        if module.update_step < end:
+            model.train()
+            trainer.fit(module, train_dataloaders=range(module.update_step, end))
+            train_seconds = time.perf_counter() - bookkeeper.start_time
+        if algo.eval_episodes and module.update_step == total and info.is_primary:
+            final_eval = evaluate(module.update_step)
+        if saver is not None:
+            saver.wait()
     finally:
-        if isinstance(loader, Prefetcher):
-            loader.close()
-        saver.close()
+        if isinstance(module.loader, Prefetcher):
+            module.loader.close()
+        if saver is not None:
+            saver.close()
         writer.close()
-    logger.info("Done: %d steps. Checkpoints in %s", step, run_dir.absolute())
-    return ImitationResult(run_dir, step, inference_params(model, ema), model, history,
-                           train_seconds, ema, final_eval)
-
-
-def _restore(run_dir, model, optimizer, scheduler, noise_gen, ema, loader) -> int:
-    step_dir = run_dir_lib.step_dir(run_dir, run_dir_lib.latest_step(run_dir))
-    state = checkpoints.load_trainer_state(step_dir)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise ConfigError(f"Cannot resume {step_dir}: its weights do not fit the model this "
-                          f"config and dataset make ({error}). Start a new --exp-name or pass "
-                          f"--overwrite.") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    noise_gen.set_state(state["noise_generator"])
-    if ema is not None:
-        if state.get("ema") is None:
-            raise ConfigError(f"{step_dir} was trained without EMA; resume without "
-                              f"--algo.ema-decay or start a new run.")
-        for name in ema:
-            ema[name].copy_(state["ema"][name])
-    try:
-        loader.load_state_dict(state["loader"])
-    except ValueError as error:
-        raise ConfigError(f"Cannot resume {step_dir}: {error}") from None
-    logger.info("Resumed from %s at step %d", step_dir, int(state["update_step"]))
-    return int(state["update_step"])
+    if info.is_primary:
+        logger.info("Done: %d steps. Checkpoints in %s", module.update_step, run_dir.absolute())
+    return ImitationResult(run_dir, module.update_step, inference_params(model, module.ema), model,
+                           bookkeeper.history, train_seconds, module.ema, final_eval)

@@ -20,30 +20,26 @@ synchronously, straight from its tensors.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
-import os
 import pathlib
 import pickle
 import random
 import time
-import warnings
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 
 from common import config as config_lib
 from common import metrics as metrics_lib
 from common import run_dir as run_dir_lib
 from common.config import ConfigError, PPOConfig, TrainConfig
 from common.run_dir import RunDirError
-from vibe_rl_torch import checkpoints, distributed, envs, networks, offpolicy, replay
-from vibe_rl_torch.distributed import DistInfo, LaunchError
+from vibe_rl_torch import checkpoints, distributed, envs, networks, offpolicy, replay, runtime
+from vibe_rl_torch.distributed import DistInfo
 from vibe_rl_torch.offpolicy import OffPolicyModule
 from vibe_rl_torch.ppo import LOSS_NAMES, PPO
 
@@ -159,12 +155,6 @@ def _set_global_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def _param_fingerprint(module: PPO | OffPolicyModule) -> tuple[float, float]:
-    with torch.no_grad():  # every parameter: for DQN/SAC also targets, critics, temperature
-        flat = torch.cat([p.detach().double().flatten().cpu() for p in module.parameters()])
-    return float(flat.sum()), float((flat * flat).sum())
-
-
 def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any]) -> None:
     ignore = {"resume", "overwrite", "progress_bar", "wandb_enabled"}
     diffs = [k for k in set(saved) | set(current)
@@ -172,29 +162,6 @@ def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if diffs:
         logger.warning("Resuming with a config that differs from the checkpoint's in: %s",
                        ", ".join(sorted(diffs)))
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
-
-
-def _prepare_run_dir(config: TrainConfig, info: DistInfo) -> bool:
-    """Rank 0 applies the --resume/--overwrite rules; every rank gets its verdict."""
-    verdict: tuple[str, Any] | None = None
-    if info.is_primary:
-        try:
-            verdict = ("ok", run_dir_lib.initialize_run_dir(
-                config.run_dir, resume=config.resume, overwrite=config.overwrite))
-        except RunDirError as error:
-            verdict = ("error", str(error))
-    verdict = distributed.broadcast_from_primary(verdict)
-    if verdict[0] == "error":
-        raise RunDirError(verdict[1])
-    return bool(verdict[1])
 
 
 class _Bookkeeper(L.Callback):
@@ -254,7 +221,7 @@ class _Bookkeeper(L.Callback):
         """
         offpol = isinstance(module, OffPolicyModule)
         state = {"env": module.venv.state_dict(), "rng": module.rng_state(),
-                 "global_rng": _global_rng_state(), "fingerprint": _param_fingerprint(module)}
+                 "global_rng": _global_rng_state(), "fingerprint": runtime.param_fingerprint(module)}
         stream = offpol and module.buffer.nbytes > replay.BACKGROUND_MAX_BYTES
         replay_files = {}
         if offpol:
@@ -391,32 +358,6 @@ def _restore(module: PPO | OffPolicyModule, config: TrainConfig, info: DistInfo,
                        step_dir, module.update_step, why)
 
 
-def _configure_threads() -> None:
-    # Tiny MLPs run fastest on one intra-op thread; respect an explicit OMP_NUM_THREADS.
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-
-
-@contextlib.contextmanager
-def _cheap_cuda_probe(accelerator: str):
-    """On CPU, let `torch.cuda.is_available()` skip NVML while we train.
-
-    Importing Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 (fork safety for DataLoader
-    workers, which we do not use). With a CUDA build of torch on a machine without a GPU,
-    every `optimizer.step()` then dlopens NVML to ask whether CUDA is there (torch's graph-
-    capture health check), about 0.1 ms per step: a sizeable share of a tiny-MLP update.
-    """
-    key = "PYTORCH_NVML_BASED_CUDA_CHECK"
-    saved = os.environ.get(key)
-    if accelerator == "cpu" and saved is not None:
-        del os.environ[key]
-    try:
-        yield
-    finally:
-        if saved is not None:
-            os.environ[key] = saved
-
-
 def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
     """Train `config` on the Torch backend; returns the final params and logged metrics.
 
@@ -427,22 +368,13 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
         from vibe_rl_torch import imitation
         return imitation.train(config, stop_at=stop_at)
     validate(config)
-    info = distributed.from_environment()
-    accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    distributed.check_devices(info, accelerator)
-    _configure_threads()
-    _quiet_lightning()
-    distributed.init_process_group(info, accelerator)
-    try:
-        with _cheap_cuda_probe(accelerator):
-            return _train(config, info, accelerator, stop_at)
-    finally:
-        distributed.destroy_process_group()
+    with runtime.session() as (info, accelerator):
+        return _train(config, info, accelerator, stop_at)
 
 
 def _train(config: TrainConfig, info: DistInfo, accelerator: str, stop_at: int | None) -> TrainResult:
     run_dir = config.run_dir
-    resuming = _prepare_run_dir(config, info)
+    resuming = runtime.prepare_run_dir(config, info)
     if info.is_primary:
         logger.info("Run directory %s | %d process(es) on %d node(s), %s", run_dir.absolute(),
                     info.world_size, info.num_nodes, accelerator)
@@ -468,17 +400,7 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str, stop_at: int |
     total = config.num_updates
     end = total if stop_at is None else min(stop_at, total)
     bookkeeper = _Bookkeeper(config, info, end, writer, saver, config_dict)
-    strategy = (DDPStrategy(process_group_backend="nccl" if accelerator == "gpu" else "gloo",
-                            find_unused_parameters=False)
-                if info.distributed else "auto")
-    trainer = L.Trainer(accelerator=accelerator, devices=info.local_world_size,
-                        num_nodes=info.num_nodes, strategy=strategy, max_epochs=1, logger=False,
-                        callbacks=[bookkeeper], enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False, num_sanity_val_steps=0)
-    if trainer.world_size != info.world_size:
-        raise LaunchError(f"Lightning sees {trainer.world_size} process(es) but torchrun started "
-                          f"WORLD_SIZE={info.world_size}.")
+    trainer = runtime.make_trainer(info, accelerator, [bookkeeper])
     train_seconds = 0.0
     try:
         if module.update_step < end:

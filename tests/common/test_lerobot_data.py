@@ -188,7 +188,7 @@ def test_shards_partition_each_global_batch():
         assert all(len(p) == 3 for p in parts)
         assert not set(parts[0]) & set(parts[1])
         position = orders[0].advance(position)
-    with pytest.raises(ld.DatasetError, match="fewer than one global batch"):
+    with pytest.raises(ld.DatasetError, match="fewer than one batch of"):
         ld.ShuffleOrder(5, 3, num_shards=2)
 
 

@@ -23,7 +23,7 @@ def main() -> None:
     assert len(result.runner.obs.sharding.device_set) == jax.device_count()
     assert not result.runner.obs.sharding.is_fully_replicated or jax.device_count() == 1
     flat = jax.tree_util.tree_flatten_with_path(jax.device_get(result.runner.train))[0]
-    np.savez(out, n_devices=jax.device_count(),
+    np.savez(out, n_devices=jax.device_count(), n_logged=len(result.history),
              **{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat})
 
 

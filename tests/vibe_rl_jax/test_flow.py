@@ -23,6 +23,7 @@ from convert import canonical  # noqa: E402
 from vibe_rl_jax import checkpoints, flow  # noqa: E402
 from vibe_rl_jax import train as jax_train  # noqa: E402
 from tests.conftest import run_script  # noqa: E402
+from tests.vibe_rl_jax import test_multiprocess as multiprocess  # noqa: E402
 
 FLOW_PRESETS = sorted(n for n, (_, c) in presets.PRESETS.items() if c.algo.kind == "flow")
 
@@ -219,7 +220,7 @@ def test_resume_is_bit_exact_and_continues_at_the_same_sample(two_goal_data, ckp
 
 def test_flow_on_several_devices_matches_one(two_goal_data, tmp_path):
     """The global batch split over meshes of 4 fake CPU devices ((4, 1) and (2, 2) as
-    (batch, fsdp)) trains like 1 device."""
+    (batch, fsdp)) or over 2 processes trains like 1 device."""
     def worker(n, fsdp_devices):
         out = tmp_path / f"{n}-{fsdp_devices}.npz"
         proc = run_script(["tests/vibe_rl_jax/_flow_mesh_worker.py", str(two_goal_data[0]),
@@ -240,6 +241,20 @@ def test_flow_on_several_devices_matches_one(two_goal_data, tmp_path):
         for key in one:
             np.testing.assert_allclose(many[key], one[key], rtol=1e-4, atol=1e-5,
                                        err_msg=f"fsdp={fsdp_devices} {key}")
+    # Two JAX processes (jax.distributed over gloo), each loading half of every global batch.
+    port = multiprocess._free_port()
+    multiprocess._launch(
+        lambda env: ["tests/vibe_rl_jax/_flow_mesh_worker.py", str(two_goal_data[0]),
+                     str(two_goal_data[1]), str(tmp_path / "ck-procs"), "1",
+                     str(tmp_path / f"procs-{env['JAX_PROCESS_ID']}.npz")],
+        [{"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+          "JAX_PROCESS_ID": str(i)} for i in range(2)])
+    for i in range(2):
+        procs = dict(np.load(tmp_path / f"procs-{i}.npz"))
+        assert int(procs.pop("n_devices")) == 2
+        for key in one:
+            np.testing.assert_allclose(procs[key], one[key], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"2 processes, process {i}: {key}")
 
 
 def _loader(run_dir, step):

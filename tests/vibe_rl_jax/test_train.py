@@ -206,6 +206,7 @@ def _worker(tmp, devices, exp, updates, stop_at="-", resume=False):
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = dict(np.load(out))
     assert int(data.pop("n_devices")) == devices
+    data.pop("n_logged")
     return data
 
 

@@ -169,6 +169,7 @@ def test_torch_learning_rate_is_the_shared_schedule(two_goal_data, ckpt_base):
     np.testing.assert_allclose(lrs, expected, rtol=1e-12)
 
 
+@pytest.mark.usefixtures("deterministic")
 def test_torch_resume_is_bit_exact_and_continues_at_the_same_sample(two_goal_data, ckpt_base):
     kw = {"save_interval": 3, "log_interval": 1, "algo.ema_decay": 0.9, "algo.eval_episodes": 0,
           "data.batch_size": 8}
