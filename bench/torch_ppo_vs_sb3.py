@@ -49,13 +49,13 @@ def run_torch(base_dir: str, name: str, total: int, seed: int) -> dict:
     cfg = presets.replace(presets.get_preset("cartpole_ppo"), backend="torch", exp_name=name,
                           seed=seed, checkpoint_base_dir=base_dir, progress_bar=False,
                           overwrite=True, total_timesteps=total)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = torch_train.train(cfg)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     steps = result.final_step * cfg.batch_size
     returns = [h["train/episode_return"] for h in result.history]
     reached = next((h["time"] for h in result.history if h["train/episode_return"] >= 475), None)
-    return {"steps": steps, "train_s": result.train_seconds, "wall_s": wall,
+    return {"steps": steps, "train_s": result.train_seconds, "wall_s": wall, "cpu_s": cpu,
             "sps": steps / result.train_seconds, "final_return": float(np.mean(returns[-5:])),
             "time_to_475_s": reached}
 
@@ -76,11 +76,11 @@ def run_sb3(total: int, seed: int, threads: int | None) -> dict:
                 policy_kwargs={"net_arch": {"pi": [64, 64], "vf": [64, 64]},
                                "activation_fn": torch.nn.Tanh, "ortho_init": True},
                 seed=seed, device="cpu", verbose=0)
-    learn_start = time.perf_counter()
+    learn_start, cpu_start = time.perf_counter(), time.process_time()
     model.learn(total_timesteps=total)
-    end = time.perf_counter()
+    end, cpu = time.perf_counter(), time.process_time() - cpu_start
     returns = [info["r"] for info in model.ep_info_buffer]
-    return {"steps": total, "train_s": end - learn_start, "wall_s": end - start,
+    return {"steps": total, "train_s": end - learn_start, "wall_s": end - start, "cpu_s": cpu,
             "sps": total / (end - learn_start), "threads": torch.get_num_threads(),
             "final_return": float(np.mean(returns)) if returns else float("nan")}
 
@@ -111,7 +111,7 @@ def run_ddp(base_dir: str, total: int, seed: int) -> dict:
 
 def _row(name: str, r: dict) -> str:
     return (f"{name:<8} {r['sps']:>10,.0f} {r['train_s']:>9.1f} {r['wall_s']:>9.1f} "
-            f"{r['final_return']:>8.1f}  {r.get('steps', 0):>9,}")
+            f"{r.get('cpu_s', float('nan')):>9.1f} {r['final_return']:>8.1f}  {r.get('steps', 0):>9,}")
 
 
 def main() -> None:
@@ -146,13 +146,19 @@ def main() -> None:
         if not args.skip_ddp:
             results["ddp"] = run_ddp(base, args.total_timesteps, args.seed)
 
-    print(f"\n{'run':<8} {'steps/s':>10} {'train s':>9} {'wall s':>9} {'return':>8}  {'env steps':>9}")
+    print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the end (other "
+          f"processes share the cores: compare the ratios, and the CPU seconds, which a busy "
+          f"machine inflates less)")
+    print(f"\n{'run':<8} {'steps/s':>10} {'train s':>9} {'wall s':>9} {'cpu s':>9} {'return':>8}  "
+          f"{'env steps':>9}")
     for name, r in results.items():
         print(_row(name, r))
     torch_sps = results["torch"]["sps"]
+    torch_cpu = results["torch"]["cpu_s"] / results["torch"]["steps"]
+    sb3_cpu = results["sb3-1t"]["cpu_s"] / results["sb3-1t"]["steps"]
     print(f"\nTorch backend / SB3 (1 thread, same budget): {torch_sps / results['sb3-1t']['sps']:.2f}x "
-          f"steps/s; returns {results['torch']['final_return']:.1f} vs "
-          f"{results['sb3-1t']['final_return']:.1f}")
+          f"steps/s ({sb3_cpu / torch_cpu:.2f}x in CPU time per step); returns "
+          f"{results['torch']['final_return']:.1f} vs {results['sb3-1t']['final_return']:.1f}")
     if "sb3" in results:
         print(f"Torch backend / SB3 as shipped ({results['sb3']['threads']} threads): "
               f"{torch_sps / results['sb3']['sps']:.2f}x steps/s")

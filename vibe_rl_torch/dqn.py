@@ -1,5 +1,5 @@
 """DQN as a LightningModule: epsilon-greedy collection into a torch replay buffer, then double-DQN
-gradient steps; one `training_step` = one update, the JAX backend's (vibe_rl_jax/dqn.py).
+gradient steps; one `update` = one update of the JAX backend's (vibe_rl_jax/dqn.py).
 
 One update = `train_frequency` vector-env steps with epsilon from an
 optax-style linear schedule over `exploration_fraction * total_timesteps` env
@@ -40,6 +40,7 @@ def double_dqn_target(reward: torch.Tensor, terminated: torch.Tensor, next_q_onl
 
 class DQN(OffPolicyModule):
     METRIC_KEYS = ("td", "q_values", "epsilon", "learn_count")
+    LEARN_KEYS = ("td", "q_values")
 
     def __init__(self, config: TrainConfig, venv: VecEnv, *, rank_seed: int, world_size: int = 1,
                  device: torch.device | str = "cpu"):
@@ -59,6 +60,10 @@ class DQN(OffPolicyModule):
         self.epsilon_steps = max(int(algo.exploration_fraction * config.total_timesteps), 1)
         self.buffer = self.make_buffer((), torch.int64)
         self.to(self.rollout_device)
+        # Made once: moving the module to a device or loading a state dict changes the
+        # parameters in place, so these stay the module's own.
+        self._params = list(self.q_network.parameters())
+        self._target_params = list(self.target_network.parameters())
 
     # ---------------------------------------------------------------- schedules / optimizer
     def epsilon(self, env_steps: int) -> float:
@@ -101,28 +106,29 @@ class DQN(OffPolicyModule):
         loss = rl_math.huber(torch, error) if algo.loss == "huber" else 0.5 * error * error
         return loss.mean(), q_taken.detach().mean()
 
-    def training_step(self, update: Any, batch_idx: int) -> dict[str, float]:
+    def update(self) -> tuple[dict[str, float], torch.Tensor | None]:
         algo = self.algo
         optimizer = self.trainer.optimizers[0]
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
         epsilon = self.epsilon(self.env_steps(self.update_step))
         metrics: dict[str, float] = self.collect(lambda obs: self.select_action(obs, epsilon))
-        sums = torch.zeros(2, dtype=torch.float64, device=self.rollout_device)
+        means = None
         learned = self.learning_started(self.env_steps(self.update_step + 1))
         if learned:
-            params = list(self.q_network.parameters())
+            params = self._params
+            sums = torch.zeros(2, dtype=torch.float64, device=self.rollout_device)
             for _ in range(algo.gradient_steps):
                 loss, q_mean = self.loss(self.buffer.sample(self.local_batch, self.sample_rng))
                 self.optimizer_step(optimizer, loss, params, algo.max_grad_norm)
                 scheduler.step()
                 self.grad_step += 1
                 if self.grad_step % algo.target_update_interval == 0:
-                    update_target(self.target_network, self.q_network, algo.tau)
-                sums += torch.stack([loss.detach(), q_mean]).double()
-        td, q_values = (sums / algo.gradient_steps).tolist()
+                    update_target(self._target_params, params, algo.tau)
+                sums += torch.stack([loss.detach(), q_mean])
+            means = sums / algo.gradient_steps
         self.update_step += 1
-        metrics.update(td=td, q_values=q_values, epsilon=epsilon, learn_count=float(learned))
-        return metrics
+        metrics.update(epsilon=epsilon, learn_count=float(learned))
+        return metrics, means
 
     def chunk_metrics(self, sums: dict[str, float], num_updates: int, step: int) -> dict[str, float]:
         """Tags of vibe_rl_jax.dqn.DQN.chunk_metrics; `sums` are over updates and ranks."""

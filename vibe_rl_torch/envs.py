@@ -138,9 +138,64 @@ class StepResult(NamedTuple):
     done: np.ndarray
 
 
-def make_gym_vector_env(env_id: str, num_envs: int) -> gym.vector.SyncVectorEnv:
-    """Same-step autoreset, so `info["final_obs"]` holds the true last observation."""
+CARTPOLE_VECTOR_ENTRY_POINT = "gymnasium.envs.classic_control.cartpole:CartPoleVectorEnv"
+
+
+class SameStepCartPole(gym.vector.VectorWrapper):
+    """gymnasium's numpy `CartPoleVectorEnv` (all envs in one array step) in same-step autoreset.
+
+    That env steps every CartPole with a few numpy calls instead of one Python env each (about
+    3x less time per vector step at 4-10 envs), but it only autoresets on the *next* step.
+    Here an episode that ends is reset within the step that ended it, by the env's own rule
+    (its generator, its reset bounds, its step counter), exactly as SyncVectorEnv's SAME_STEP
+    mode resets a single env: the true last observation is in `info["final_obs"]` (rows flagged
+    by `info["_final_obs"]`) and the returned observation is the reset one. The envs share one
+    generator, seeded by the first of the seeds `reset` is given.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv):
+        super().__init__(env)
+        self.metadata = {**env.metadata, "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        if isinstance(seed, (list, tuple)):
+            seed = seed[0]
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, actions: np.ndarray):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        done = terminated | truncated
+        if done.any():
+            env = self.env.unwrapped
+            # What CartPoleVectorEnv.step does at the start of the following call, done now.
+            env.state[:, done] = env.np_random.uniform(low=env.low, high=env.high,
+                                                       size=(4, int(done.sum())))
+            env.steps[done] = 0
+            env.prev_done[:] = False
+            info = {**info, "final_obs": obs, "_final_obs": done}
+            obs = env.state.T.astype(np.float32)
+        return obs, reward, terminated, truncated, info
+
+
+def _vectorised(env_id: str, num_envs: int) -> gym.vector.VectorEnv | None:
+    """A numpy-vectorised env with a same-step adapter for `env_id`, if there is one."""
+    spec = gym.spec(env_id.rpartition(":")[2])
+    if spec.vector_entry_point != CARTPOLE_VECTOR_ENTRY_POINT:
+        return None
+    return SameStepCartPole(gym.make_vec(env_id, num_envs, vectorization_mode="vector_entry_point"))
+
+
+
+def make_gym_vector_env(env_id: str, num_envs: int) -> gym.vector.VectorEnv:
+    """Same-step autoreset, so `info["final_obs"]` holds the true last observation.
+
+    CartPole ids get gymnasium's numpy-vectorised CartPole (`SameStepCartPole`); every other id
+    a SyncVectorEnv of `gym.make` envs.
+    """
     check_env_id(env_id)
+    vectorised = _vectorised(env_id, num_envs)
+    if vectorised is not None:
+        return vectorised
     return gym.vector.SyncVectorEnv(
         [functools.partial(gym.make, env_id) for _ in range(num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, copy=False)

@@ -18,7 +18,7 @@ implementation of it); loading is strict.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -82,6 +82,31 @@ class ActorCritic(nn.Module):
 
     def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.actor(obs), self.critic(obs)[..., 0]
+
+    @torch.no_grad()
+    def frozen_forward(self) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """`forward` for acting while the parameters stay as they are now (a rollout).
+
+        Actor and critic become one MLP whose layers stack or block-diagonally join theirs,
+        so each step runs one matmul per layer instead of two: on a rollout's tiny batches the
+        per-call cost, not the arithmetic, is what counts. The result equals `forward`'s up to
+        float rounding (the padding zeros are exact; the summation order may differ).
+        """
+        pairs = [(self.actor[name], self.critic[name]) for name in self.actor.keys()]
+        layers = [(torch.cat([pairs[0][0].weight, pairs[0][1].weight]),
+                   torch.cat([pairs[0][0].bias, pairs[0][1].bias]))]
+        layers += [(torch.block_diag(a.weight, c.weight), torch.cat([a.bias, c.bias]))
+                   for a, c in pairs[1:]]
+        act, num_out = self.actor._act, pairs[-1][0].out_features
+
+        def forward(obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            x = obs
+            for weight, bias in layers[:-1]:
+                x = act(F.linear(x, weight, bias))
+            x = F.linear(x, *layers[-1])
+            return x[..., :num_out], x[..., num_out]
+
+        return forward
 
     def distribution(self, out: torch.Tensor) -> torch.distributions.Distribution:
         """The action distribution for the actor output `out` (logits, or the Gaussian mean)."""

@@ -1,9 +1,9 @@
 """What DQN and SAC share on the Torch backend: the collect loop, the replay buffer, the generators,
 the gradient averaging over DDP ranks and the optimizer/RNG state (vibe_rl_jax/offpolicy.py's mirror).
 
-One update (one Lightning `training_step`) = `train_frequency` vector-env
-steps, every transition added to this rank's buffer with the true final
-observation as `next_obs`, then, once `learning_starts` env steps (over all
+One update (`update`; one Lightning `training_step` runs several, see
+`update_batches`) = `train_frequency` vector-env steps, every transition added
+to this rank's buffer with the true final observation as `next_obs`, then, once `learning_starts` env steps (over all
 ranks) are collected and the buffer holds a batch, `gradient_steps` gradient
 steps. Same meaning as on the JAX side.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning as L
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -69,22 +68,24 @@ def average_gradients(params: list[torch.nn.Parameter], world_size: int) -> None
         offset += g.numel()
 
 
-def update_target(target: torch.nn.Module, online: torch.nn.Module, tau: float) -> None:
-    """optax.incremental_update: target <- tau * online + (1 - tau) * target (tau = 1: a copy)."""
+def update_target(target: list[torch.Tensor], online: list[torch.Tensor], tau: float) -> None:
+    """optax.incremental_update: target <- tau * online + (1 - tau) * target (tau = 1: a copy).
+
+    Takes the two networks' parameter lists (made once: SAC calls this every gradient step).
+    """
     with torch.no_grad():
-        t_params, o_params = list(target.parameters()), list(online.parameters())
         if tau == 1.0:
-            for t, o in zip(t_params, o_params):
-                t.copy_(o)
+            torch._foreach_copy_(target, online)
         else:
-            torch._foreach_lerp_(t_params, o_params, tau)
+            torch._foreach_lerp_(target, online, tau)
 
 
 class OffPolicyModule(L.LightningModule):
     """Base of DQN and SAC. Subclasses build their networks, `buffer`, optimizers and
-    `training_step`, and say which parameters make the inference weights."""
+    `update`, and say which parameters make the inference weights."""
 
     METRIC_KEYS: tuple[str, ...] = ()  # per-update metrics the training loop sums
+    LEARN_KEYS: tuple[str, ...] = ()  # those of them that are means over an update's grad steps
 
     def __init__(self, config: TrainConfig, venv: VecEnv, *, rank_seed: int, world_size: int = 1,
                  device: torch.device | str = "cpu"):
@@ -109,21 +110,58 @@ class OffPolicyModule(L.LightningModule):
         self.action_rng = torch.Generator(self.rollout_device).manual_seed(rank_seed + 1)
         self.sample_rng = torch.Generator(self.rollout_device).manual_seed(rank_seed + 2)
 
+    # ---------------------------------------------------------------- updates
+    def update_batches(self, start: int, end: int) -> "UpdateBatches":
+        """What Lightning iterates from update `start` to `end`: runs of consecutive updates.
+
+        One Lightning batch per update would cost its loop's per-batch hooks (~0.1 ms) on every
+        vector step. A run ends at every multiple of `log_interval` and `save_interval` (and at
+        `end`), so the bookkeeping callback still sees each point where it logs or saves; the
+        updates themselves are the same ones in the same order however they are grouped.
+        """
+        log, save = self.config.log_interval, self.config.save_interval
+        runs, s = [], start
+        while s < end:
+            stop = min(end, (s // log + 1) * log, (s // save + 1) * save)
+            runs.append((s, stop))
+            s = stop
+        return UpdateBatches(runs)
+
+    def update(self) -> tuple[dict[str, float], torch.Tensor | None]:
+        """One update: (episode sums and per-update floats, LEARN_KEYS means or None)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: tuple[int, int], batch_idx: int) -> dict[str, float]:
+        """Updates `batch[0]` to `batch[1]`; returns their metrics summed, and `num_updates`."""
+        start, stop = batch
+        if start != self.update_step:
+            raise RuntimeError(f"Lightning fed updates from {start}, the module is at "
+                               f"{self.update_step}.")
+        totals: dict[str, float] = {}
+        learn = torch.zeros(len(self.LEARN_KEYS), dtype=torch.float64, device=self.rollout_device)
+        for _ in range(start, stop):
+            metrics, means = self.update()
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+            if means is not None:
+                learn += means
+        totals.update(zip(self.LEARN_KEYS, learn.tolist()))
+        totals["num_updates"] = stop - start
+        return totals
+
     # ---------------------------------------------------------------- collect
-    @torch.no_grad()
+    @torch.inference_mode()
     def collect(self, select_action: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
         """Step this rank's envs `train_frequency` times into the buffer; returns episode sums."""
         venv, device = self.venv, self.rollout_device
         scale = self.config.env.reward_scale
         ret = length = count = 0.0
         for _ in range(self.algo.train_frequency):
-            obs = torch.from_numpy(venv.obs).to(device)
-            action = select_action(obs)
-            step = venv.step(action.cpu().numpy())
-            self.buffer.add(obs=obs, action=action,
-                            reward=torch.from_numpy(step.reward * scale).to(device),
-                            next_obs=torch.from_numpy(step.final_obs).to(device),
-                            terminated=torch.from_numpy(step.terminated.astype(np.float32)).to(device))
+            obs = venv.obs  # a fresh array every step: the buffer may keep it as it is
+            action = select_action(torch.from_numpy(obs).to(device)).cpu().numpy()
+            step = venv.step(action)
+            self.buffer.add(obs=obs, action=action, reward=step.reward * scale,
+                            next_obs=step.final_obs, terminated=step.terminated)
             if step.done.any():
                 ret += float(step.episode_return.sum())
                 length += float(step.episode_length.sum())
@@ -143,7 +181,8 @@ class OffPolicyModule(L.LightningModule):
     def optimizer_step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
                        params: list[torch.nn.Parameter], max_grad_norm: float | None = None) -> None:
         """Backward, average over ranks, clip the global norm (optax.clip_by_global_norm), step."""
-        optimizer.zero_grad(set_to_none=True)
+        for p in params:  # optimizer.zero_grad(set_to_none=True) without its per-call overhead
+            p.grad = None
         loss.backward()
         average_gradients(params, self.world_size)
         if max_grad_norm is not None:  # optax.clip_by_global_norm: rescale only above the bound
@@ -196,6 +235,20 @@ class OffPolicyModule(L.LightningModule):
         self.action_rng.set_state(state["action_rng"])
         self.sample_rng.set_state(state["sample_rng"])
         return True
+
+
+class UpdateBatches:
+    """The runs of `update_batches` as Lightning's "dataloader" (a plain list of tuples would be
+    taken for several dataloaders)."""
+
+    def __init__(self, runs: list[tuple[int, int]]):
+        self.runs = runs
+
+    def __iter__(self):
+        return iter(self.runs)
+
+    def __len__(self) -> int:
+        return len(self.runs)
 
 
 def mean_over_learning(sums: dict[str, float], keys: tuple[str, ...]) -> dict[str, float]:

@@ -50,7 +50,7 @@ class Batch(NamedTuple):
     returns: torch.Tensor
 
     def take(self, idx: torch.Tensor) -> "Batch":
-        return Batch(*(x[idx] for x in self))
+        return Batch(*(x.index_select(0, idx) for x in self))
 
 
 def sample_action(network: ActorCritic, out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -148,28 +148,35 @@ class PPO(L.LightningModule):
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
     def rollout(self) -> tuple[Batch, dict[str, float]]:
-        """Step this rank's envs `num_steps` times; returns the flat batch and episode sums."""
-        algo, venv, device = self.algo, self.venv, self.device
+        """Step this rank's envs `num_steps` times; returns the flat batch and episode sums.
+
+        Per step only the policy forward (actor and critic fused, `frozen_forward`), the
+        action draw and the env step run; the network outputs stay in preallocated tensors
+        and the log-probabilities of all the actions are computed in one call after the loop
+        (the same function, on the whole rollout), so the loop makes no per-step Distribution
+        objects or host copies beyond the actions.
+        """
+        algo, venv, device, network = self.algo, self.venv, self.device, self.network
         T, N, D = algo.num_steps, venv.num_envs, venv.obs_dim
-        action_shape = (venv.action_spec.dim,) if venv.action_spec.continuous else ()
-        action_dtype = np.float32 if venv.action_spec.continuous else np.int64
+        spec = venv.action_spec
+        action_shape = (spec.dim,) if spec.continuous else ()
         obs = np.empty((T, N, D), np.float32)
         final_obs = np.empty((T, N, D), np.float32)
-        actions = np.empty((T, N) + action_shape, action_dtype)
-        log_probs = np.empty((T, N), np.float32)
-        values = np.empty((T, N), np.float32)
         rewards = np.empty((T, N), np.float32)
         terminated = np.empty((T, N), bool)
         truncated = np.empty((T, N), bool)
+        outs = torch.empty((T, N, spec.dim), device=device)
+        values = torch.empty((T, N), device=device)
+        actions = torch.empty((T, N) + action_shape, device=device,
+                              dtype=torch.float32 if spec.continuous else torch.int64)
         ep_return = ep_length = ep_count = 0.0
+        policy = network.frozen_forward()
         for t in range(T):
             obs[t] = venv.obs
-            out, value = self.network(torch.from_numpy(obs[t]).to(device))
-            action = sample_action(self.network, out, self.action_rng)
-            log_probs[t] = self.network.distribution(out).log_prob(action).cpu().numpy()
-            values[t] = value.cpu().numpy()
-            actions[t] = action.cpu().numpy()
-            step = venv.step(actions[t])
+            out, values[t] = policy(torch.from_numpy(obs[t]).to(device))
+            outs[t] = out
+            action = actions[t] = sample_action(network, out, self.action_rng)
+            step = venv.step(action.cpu().numpy())
             rewards[t] = step.reward
             terminated[t] = step.terminated
             truncated[t] = step.truncated
@@ -178,18 +185,18 @@ class PPO(L.LightningModule):
                 ep_return += float(step.episode_return.sum())
                 ep_length += float(step.episode_length.sum())
                 ep_count += float(step.done.sum())
+        log_probs = network.distribution(outs).log_prob(actions)
         # V of the observation that followed each step: the true final observation where an
         # episode ended (terminated or truncated), else simply the next observation.
-        _, next_values = self.network(torch.from_numpy(final_obs.reshape(T * N, D)).to(device))
-        next_values = next_values.reshape(T, N).cpu().numpy()
-        advantages, returns = rl_math.gae(rewards * self.config.env.reward_scale, values,
-                                          next_values, terminated, truncated, algo.gamma,
-                                          algo.gae_lambda)
+        next_values = network.critic(torch.from_numpy(final_obs.reshape(T * N, D)).to(device))
+        advantages, returns = rl_math.gae(rewards * self.config.env.reward_scale,
+                                          values.cpu().numpy(),
+                                          next_values.reshape(T, N).cpu().numpy(),  # (T*N, 1)
+                                          terminated, truncated, algo.gamma, algo.gae_lambda)
 
-        def flat(x: np.ndarray) -> torch.Tensor:
-            x = x.reshape((T * N,) + x.shape[2:])
-            return torch.as_tensor(x.astype(np.float32) if x.dtype == np.float64 else x,
-                                   device=device)
+        def flat(x: np.ndarray | torch.Tensor) -> torch.Tensor:
+            x = torch.as_tensor(x).reshape((T * N,) + tuple(x.shape[2:]))
+            return x.to(device, torch.float32 if x.dtype == torch.float64 else x.dtype)
 
         batch = Batch(flat(obs), flat(actions), flat(log_probs), flat(values), flat(advantages),
                       flat(returns))
@@ -198,10 +205,18 @@ class PPO(L.LightningModule):
 
     # ---------------------------------------------------------------- update
     def training_step(self, update: Any, batch_idx: int) -> dict[str, float]:
-        """One PPO update; returns per-update metrics (losses averaged over minibatch steps)."""
+        """One PPO update; returns per-update metrics (losses averaged over minibatch steps).
+
+        The optimizer, scheduler and clipping are called directly rather than through
+        Lightning's LightningOptimizer/clip_gradients wrappers (their hooks cost about as much
+        as the step itself on these small networks); the backward stays `manual_backward`,
+        which under DDP arms the reducer so the gradients are averaged over the ranks before
+        they are clipped and applied.
+        """
         algo = self.algo
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        params = list(self.network.parameters())
         batch, metrics = self.rollout()
         size = batch.obs.shape[0]
         minibatch = size // algo.num_minibatches
@@ -210,13 +225,14 @@ class PPO(L.LightningModule):
             perm = torch.randperm(size, generator=self.shuffle_rng).to(self.device)
             for i in range(algo.num_minibatches):
                 result = loss(self.network, algo, batch.take(perm[i * minibatch:(i + 1) * minibatch]))
-                optimizer.zero_grad()
+                for p in params:  # zero_grad(set_to_none=True)
+                    p.grad = None
                 self.manual_backward(result.total)
-                self.clip_gradients(optimizer, gradient_clip_val=algo.max_grad_norm,
-                                    gradient_clip_algorithm="norm")
+                torch.nn.utils.clip_grad_norm_(params, algo.max_grad_norm, foreach=True)
                 optimizer.step()
                 scheduler.step()
-                sums += torch.stack([v.detach() for v in result]).double()
+                with torch.no_grad():
+                    sums += torch.stack(result)
         self.update_step += 1
         means = (sums / self.steps_per_update).cpu().numpy()
         metrics.update(zip(LOSS_NAMES, means.tolist()))

@@ -1,5 +1,5 @@
 """SAC as a LightningModule: tanh-squashed Gaussian actor, twin critics with Polyak targets,
-temperature tuned toward a target entropy; one `training_step` = one update (vibe_rl_jax/sac.py).
+temperature tuned toward a target entropy; one `update` = one update (vibe_rl_jax/sac.py).
 
 One update = `train_frequency` vector-env steps (uniform random actions in
 the Box until `learning_starts` env steps), then `gradient_steps` x (critic
@@ -88,6 +88,11 @@ class SAC(OffPolicyModule):
         self.squash = Squash(self.low, self.high)
         self.buffer = self.make_buffer((spec.dim,), torch.float32)
         self.to(self.rollout_device)
+        # Made once (every gradient step uses them): moving the module to a device or loading
+        # a state dict changes the parameters in place, so these stay the module's own.
+        self._actor_params = list(self.actor.parameters())
+        self._critic_params = list(self.critic.parameters())
+        self._target_params = list(self.target_critic.parameters())
 
     def configure_optimizers(self):
         algo = self.algo
@@ -130,12 +135,14 @@ class SAC(OffPolicyModule):
 
     def actor_loss(self, obs: torch.Tensor, alpha: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(actor loss, log-probs of the sampled actions); gradients reach the actor only."""
-        self.critic.requires_grad_(False)
+        for p in self._critic_params:  # critic.requires_grad_(False), without the module walk
+            p.requires_grad_(False)
         try:
             action, log_prob = self.sample(obs)
             q1, q2 = self.critic(obs, action)
         finally:
-            self.critic.requires_grad_(True)
+            for p in self._critic_params:
+                p.requires_grad_(True)
         return rl_math.sac_actor_loss(torch, q1=q1, q2=q2, log_prob=log_prob, alpha=alpha), log_prob
 
     def gradient_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -144,10 +151,10 @@ class SAC(OffPolicyModule):
         critic_opt, actor_opt, alpha_opt = self.trainer.optimizers
         alpha = self.log_alpha.detach().exp()
         critic_loss, q_mean = self.critic_loss(batch, alpha)
-        self.optimizer_step(critic_opt, critic_loss, list(self.critic.parameters()))
+        self.optimizer_step(critic_opt, critic_loss, self._critic_params)
 
         actor_loss, log_prob = self.actor_loss(batch["obs"], alpha)
-        self.optimizer_step(actor_opt, actor_loss, list(self.actor.parameters()))
+        self.optimizer_step(actor_opt, actor_loss, self._actor_params)
 
         log_prob = log_prob.detach()
         alpha_loss = rl_math.sac_temperature_loss(log_alpha=self.log_alpha, log_prob=log_prob,
@@ -155,24 +162,24 @@ class SAC(OffPolicyModule):
         if algo.autotune_alpha:
             self.optimizer_step(alpha_opt, alpha_loss, [self.log_alpha])
 
-        update_target(self.target_critic, self.critic, algo.tau)
+        update_target(self._target_params, self._critic_params, algo.tau)
         return torch.stack([critic_loss.detach(), actor_loss.detach(), alpha_loss.detach(), q_mean,
                             self.log_alpha.detach().exp(), -log_prob.mean()])
 
-    def training_step(self, update: Any, batch_idx: int) -> dict[str, float]:
+    def update(self) -> tuple[dict[str, float], torch.Tensor | None]:
         algo = self.algo
         random = self.env_steps(self.update_step) < algo.learning_starts
         metrics: dict[str, float] = self.collect(lambda obs: self.select_action(obs, random))
-        sums = torch.zeros(len(self.LEARN_KEYS), dtype=torch.float64, device=self.rollout_device)
+        means = None
         learned = self.learning_started(self.env_steps(self.update_step + 1))
         if learned:
+            sums = torch.zeros(len(self.LEARN_KEYS), dtype=torch.float64, device=self.rollout_device)
             for _ in range(algo.gradient_steps):
-                sums += self.gradient_step(self.buffer.sample(self.local_batch,
-                                                              self.sample_rng)).double()
+                sums += self.gradient_step(self.buffer.sample(self.local_batch, self.sample_rng))
+            means = sums / algo.gradient_steps
         self.update_step += 1
-        metrics.update(zip(self.LEARN_KEYS, (sums / algo.gradient_steps).tolist()))
         metrics["learn_count"] = float(learned)
-        return metrics
+        return metrics, means
 
     def chunk_metrics(self, sums: dict[str, float], num_updates: int, step: int) -> dict[str, float]:
         """Tags of vibe_rl_jax.sac.SAC.chunk_metrics; `sums` are over updates and ranks."""

@@ -184,7 +184,7 @@ class _Bookkeeper(L.Callback):
 
     def on_train_batch_end(self, trainer, module: PPO, outputs, batch, batch_idx) -> None:
         self.sums += np.array([outputs[k] for k in self.keys])
-        self.updates += 1
+        self.updates += int(outputs.get("num_updates", 1))  # DQN/SAC: runs of updates
         step = module.update_step
         if step % self.config.log_interval == 0 or step == self.end:
             self._log(module, step)
@@ -404,7 +404,9 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str, stop_at: int |
     train_seconds = 0.0
     try:
         if module.update_step < end:
-            trainer.fit(module, train_dataloaders=range(module.update_step, end))
+            batches = (module.update_batches(module.update_step, end)  # DQN/SAC: runs of updates
+                       if isinstance(module, OffPolicyModule) else range(module.update_step, end))
+            trainer.fit(module, train_dataloaders=batches)
             train_seconds = time.perf_counter() - bookkeeper.start_time
         if saver is not None:
             saver.wait()

@@ -2,6 +2,7 @@
 
 import pickle
 
+import gymnasium as gym
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -102,3 +103,40 @@ def test_unknown_or_unsupported_envs_are_config_errors():
         envs.check_env_id("no_such_module_xyz:Thing-v0")
     with pytest.raises(ConfigError, match="1-D Box observation"):
         envs.VecEnv("FrozenLake-v1", 1)
+
+
+def test_vectorised_cartpole_resets_in_the_step_that_ends_an_episode():
+    """CartPole runs on gymnasium's numpy CartPoleVectorEnv with the SAME_STEP contract: the
+    step that ends an episode returns the true final observation apart and the reset one."""
+    venv = envs.VecEnv("CartPole-v1", 3)
+    assert isinstance(venv.envs, envs.SameStepCartPole)
+    venv.reset([0, 1, 2])
+    prev, ends = venv.obs, 0
+    for _ in range(100):
+        out = venv.step(np.zeros(3, np.int64))  # always push left: the pole falls within ~10 steps
+        done = out.done
+        assert not out.truncated.any() and (out.terminated == done).all()
+        np.testing.assert_array_equal(out.final_obs[~done], out.obs[~done])
+        if done.any():
+            final = out.final_obs[done]
+            assert ((np.abs(final[:, 0]) > 2.4) | (np.abs(final[:, 2]) > 12 * 2 * np.pi / 360)).all()
+            assert (np.abs(out.obs[done]) <= 0.05).all()  # a fresh reset state
+            assert (np.abs(prev[done, 2]) <= 12 * 2 * np.pi / 360).all()  # was alive a step ago
+            ends += int(done.sum())
+        prev = out.obs
+    assert ends > 10
+
+    # Truncation (a 5-step limit) resets the step counter in the same step: the next one
+    # comes 5 steps later, never flagged as terminated.
+    vec = envs.SameStepCartPole(
+        gym.make_vec("CartPole-v1", 2, vectorization_mode="vector_entry_point",
+                          max_episode_steps=5))
+    vec.reset(seed=[0, 1])
+    flags = []
+    for t in range(10):
+        obs, _, terminated, truncated, info = vec.step(np.array([t % 2, (t + 1) % 2]))
+        flags.append(bool(truncated.all()))
+        assert not terminated.any()
+        if truncated.any():
+            assert info["_final_obs"].all() and not np.array_equal(info["final_obs"], obs)
+    assert flags == [False] * 4 + [True] + [False] * 4 + [True]

@@ -354,6 +354,14 @@ def _module_state(result):
     return out
 
 
+def test_update_batches_end_at_every_log_and_save_point():
+    """Lightning gets runs of updates that stop wherever the bookkeeper logs or saves."""
+    module = module_for("cartpole_dqn", "torch_toy_envs:Counter-v0", log_interval=3,
+                        save_interval=6)
+    assert list(module.update_batches(2, 13)) == [(2, 3), (3, 6), (6, 9), (9, 12), (12, 13)]
+    assert len(module.update_batches(4, 4)) == 0
+
+
 @pytest.mark.parametrize("name, extra", OFFPOLICY)
 def test_offpolicy_resume_is_exact(name, extra, ckpt_base):
     """12 updates straight == 6, --resume, 6: every parameter (online, target networks, critics,

@@ -319,3 +319,16 @@ def test_cartpole_ppo_reaches_475(ckpt_base):
     result = torch_train.train(cfg)
     final = np.mean([h["train/episode_return"] for h in result.history[-5:]])
     assert final >= 475, final
+
+
+@pytest.mark.parametrize("continuous", [False, True])
+def test_frozen_forward_is_forward(continuous):
+    """The rollout's fused actor-critic (stacked / block-diagonal layers) computes `forward`."""
+    net = networks.ActorCritic(5, 3, continuous, (16, 8), generator=torch.Generator().manual_seed(0))
+    obs = torch.randn(7, 5, generator=torch.Generator().manual_seed(1))
+    out, value = net(obs)
+    fused_out, fused_value = net.frozen_forward()(obs)
+    assert fused_out.shape == out.shape and fused_value.shape == value.shape
+    torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused_value, value, rtol=1e-6, atol=1e-6)
+    assert not fused_out.requires_grad  # built from a snapshot: no graph into the parameters
