@@ -36,7 +36,7 @@ class DQNRunner(NamedTuple):
     buffer: Any
     env_state: Any
     obs: jax.Array
-    rng: jax.Array
+    rng: jax.Array  # raw philox key data (offpolicy.wrap_key)
 
 
 def double_dqn_target(reward, terminated, next_q_online, next_q_target, gamma: float, double: bool):
@@ -82,7 +82,7 @@ class DQN:
                               jnp.zeros((), jnp.int32))
         buffer = self.buffer.init(offpolicy.example_transition(self.venv.obs_shape,
                                                                jnp.zeros((), jnp.int32)))
-        return DQNRunner(train, buffer, env_state, obs, key)
+        return DQNRunner(train, buffer, env_state, obs, offpolicy.new_key_data(key))
 
     def shardings(self, abstract: DQNRunner) -> DQNRunner:
         train = jax.tree.map(lambda _: self._replicated, abstract.train)
@@ -130,7 +130,8 @@ class DQN:
             return action, action
 
         col = offpolicy.collect(self.venv, self.buffer, env_state=runner.env_state, obs=runner.obs,
-                                rng=runner.rng, buffer_state=runner.buffer,
+                                rng=offpolicy.wrap_key(runner.rng),
+                                buffer_state=runner.buffer,
                                 num_steps=algo.train_frequency,
                                 reward_scale=self.config.env.reward_scale,
                                 select_action=select_action)
@@ -171,7 +172,8 @@ class DQN:
                    "episode_return_sum": col.episode_return_sum,
                    "episode_length_sum": col.episode_length_sum,
                    "episode_count": col.episode_count}
-        return DQNRunner(train, col.buffer_state, col.env_state, col.obs, rng), metrics
+        return (DQNRunner(train, col.buffer_state, col.env_state, col.obs,
+                          offpolicy.unwrap_key(rng)), metrics)
 
     def train_chunk(self, runner: DQNRunner, num_updates: jax.Array):
         return chunks.run_updates(self.update, runner, num_updates)

@@ -5,6 +5,16 @@ PRNG key, a pytree that orbax checkpoints with the rest of the runner state).
 `collect` steps the vmapped envs `num_steps` times inside `lax.scan` and adds
 each transition, storing the true final observation as `next_obs`, so a
 truncated episode bootstraps from where it really ended.
+
+DQN's training PRNG is a philox4x32 key (a JAX built-in generator with the same
+64-bit key as the default threefry2x32). Its update is small (10 env steps, one
+gradient step of a 120x84 net) and draws several small random tensors (epsilon,
+random actions, env reset noise, buffer indices); on CPU JAX lowers threefry to a
+rolled `while` loop costing ~10-15 us per draw inside the chunk, while philox lowers
+to straight-line code: ~290 -> ~225 us per update, measured A/B on 2 busy cores.
+SAC keeps threefry: its update is ~1 ms of matmuls and the same switch measured no
+difference. The runner stores the raw key data (uint32[2]), so checkpoints hold plain
+arrays and resume stays bit-exact.
 """
 
 from __future__ import annotations
@@ -14,6 +24,22 @@ from typing import Any, Callable, NamedTuple
 import flashbax
 import jax
 import jax.numpy as jnp
+
+
+PRNG_IMPL = "philox4x32"
+
+
+def new_key_data(key: jax.Array) -> jax.Array:
+    """Raw data of a fresh training key derived from `key` (any JAX key)."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def wrap_key(data: jax.Array) -> jax.Array:
+    return jax.random.wrap_key_data(data, impl=PRNG_IMPL)
+
+
+def unwrap_key(key: jax.Array) -> jax.Array:
+    return jax.random.key_data(key)
 
 
 def make_buffer(capacity: int, batch_size: int):
