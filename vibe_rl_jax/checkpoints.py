@@ -30,6 +30,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import json
+import logging
 import pathlib
 from typing import Any, Mapping
 
@@ -172,11 +173,30 @@ def restore_assets(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
     return manager.restore(step, args=ocp.args.Composite(**{ASSETS: AssetsRestore()}))[ASSETS]
 
 
+class _NoItemMetadataWarning(logging.Filter):
+    """Drops orbax's "Metadata file does not exist: .../params/_CHECKPOINT_METADATA" warning.
+
+    params/ is one item of a CheckpointManager step; the step's metadata file lives one
+    level up, so reading the item on its own (what serving and conversion do) always
+    warns, which users read as a broken checkpoint. Real read errors still raise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (str(record.msg).startswith("Metadata file does not exist")
+                    and str(record.args and record.args[0]).endswith(
+                        f"{PARAMS}/_CHECKPOINT_METADATA"))
+
+
+_ITEM_METADATA_FILTER = _NoItemMetadataWarning()
+
+
 def load_params(step_dir: pathlib.Path | str) -> dict[str, Any]:
     """Inference params of a step directory as host numpy arrays, whatever mesh saved them."""
     path = pathlib.Path(step_dir).absolute() / PARAMS
     if not path.is_dir():
         raise FileNotFoundError(f"No params/ in {step_dir}: expected {path}.")
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_ITEM_METADATA_FILTER)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             metadata = checkpointer.metadata(path).item_metadata
@@ -193,4 +213,6 @@ def load_params(step_dir: pathlib.Path | str) -> dict[str, Any]:
             f"Cannot read the JAX params in {path} ({type(error).__name__}: {error}). The "
             f"directory is not a complete orbax checkpoint: pick another step (complete steps "
             f"are listed by common.run_dir.complete_steps) or re-save it.") from None
+    finally:
+        absl_logger.removeFilter(_ITEM_METADATA_FILTER)
     return jax.tree.map(np.asarray, restored)

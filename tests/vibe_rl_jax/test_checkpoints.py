@@ -1,5 +1,7 @@
 """Checkpoint retention and memory behaviour of the JAX checkpoint writer."""
 
+import logging
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +22,20 @@ def test_orbax_retention_is_the_shared_rule(tmp_path):
         4, 8, 9, 10}
     restored = checkpoints.load_params(tmp_path / "10")
     np.testing.assert_array_equal(restored["w"], [0.0, 1.0, 2.0])
+
+
+def test_loading_params_does_not_warn_about_the_step_level_metadata(tmp_path, caplog):
+    """params/ is read on its own (serving, conversion): orbax would warn that the metadata file
+    it keeps one level up is missing, which reads as a broken checkpoint."""
+    writer = checkpoints.CheckpointWriter(tmp_path, max_to_keep=1, keep_period=None,
+                                          async_save=False)
+    writer.save(1, params={"w": jnp.ones(2)}, train_state={"w": jnp.ones(2)}, assets={})
+    writer.wait()
+    writer.close()
+    with caplog.at_level("WARNING", logger="absl"):
+        checkpoints.load_params(tmp_path / "1")
+    assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
+    assert not logging.getLogger("absl").filters  # removed again: other warnings still show
 
 
 _BIG_SAVE = r"""
