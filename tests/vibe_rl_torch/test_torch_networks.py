@@ -9,30 +9,14 @@ import pytest
 import torch
 
 from vibe_rl_jax.networks import ActorCritic as FlaxActorCritic
+from convert import canonical
 from vibe_rl_torch import networks
 from vibe_rl_torch.networks import ActorCritic, CanonicalParamsError
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "/"))
-        else:
-            out[name] = np.asarray(value)
-    return out
-
-
 def _unflat(flat):
-    tree = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return tree
+    """The flax params tree of a canonical dict, as JAX arrays."""
+    return jax.tree.map(jnp.asarray, canonical.unflatten(flat))
 
 
 def test_state_dict_and_canonical_names():
@@ -105,7 +89,7 @@ def test_flax_params_through_canonical_dict_give_same_outputs(continuous, activa
     obs_dim, action_dim = 5, 3
     flax_net = FlaxActorCritic(action_dim, continuous, hidden, activation, init_log_std=0.0)
     variables = flax_net.init(jax.random.PRNGKey(0), jnp.zeros((1, obs_dim)))
-    flat = _flat(variables["params"])
+    flat = canonical.flatten(variables["params"])
     rng = np.random.default_rng(0)
     # Non-zero biases and log_std, so a dropped or transposed tensor cannot go unnoticed.
     flat = {k: (v + rng.normal(size=v.shape).astype(np.float32) * 0.1) for k, v in flat.items()}

@@ -20,6 +20,7 @@ import torch_toy_envs  # noqa: F401  (registers the toy ids)
 from common import presets, rl_math
 from common import run_dir as rd
 from common.config import ConfigError
+from convert import canonical
 from tests.conftest import ROOT, run_script
 from vibe_rl_torch import checkpoints, envs, networks, replay
 from vibe_rl_torch import train as torch_train
@@ -199,25 +200,9 @@ def test_temperature_loss_sign():
 
 
 # ------------------------------------------------------------------ networks: canonical names
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = np.asarray(value)
-    return out
-
-
 def _unflat(flat):
-    tree = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value)
-    return tree
+    """The flax params tree of a canonical dict, as JAX arrays."""
+    return jax.tree.map(jnp.asarray, canonical.unflatten(flat))
 
 
 def _through_canonical(flax_module, args, torch_module, prefix=""):
@@ -226,7 +211,7 @@ def _through_canonical(flax_module, args, torch_module, prefix=""):
     `prefix`: the JAX SAC exports its actor's tree under "actor" (vibe_rl_jax.sac.inference_params).
     """
     variables = flax_module.init(jax.random.PRNGKey(0), *args)
-    flat = _flat(variables["params"], prefix)
+    flat = canonical.flatten(variables["params"], prefix)
     rng = np.random.default_rng(1)
     flat = {k: v + rng.normal(size=v.shape).astype(np.float32) * 0.1 for k, v in flat.items()}
     assert set(flat) == set(networks.canonical_params(torch_module))
