@@ -75,8 +75,9 @@ def main() -> None:
             results[backend] = run_vibe("cartpole_dqn", base, backend, args.seed, backend=backend,
                                         threshold=475, last=10)
     sb3 = run_sb3(args.sb3_steps, args.seed)
-    print(f"\ncartpole_dqn, 5e5 env steps, {os.cpu_count()} CPU cores (final return: mean of the "
-          f"last 10 logged chunks; SB3: 10 greedy eval episodes after {args.sb3_steps} steps)")
+    print(f"\ncartpole_dqn, 5e5 env steps, {os.cpu_count()} CPU cores (training return: vibe-rl "
+          f"the last 10 logged chunks, SB3 its last 100 episodes; eval return: 10 greedy episodes "
+          f"of the final policy, both sides)")
     for backend, r in results.items():
         print_row(f"vibe-rl {backend}", r)
     print_row(f"SB3 double DQN ({args.sb3_steps} steps)", sb3)

@@ -49,8 +49,9 @@ def main() -> None:
                                         last=5)
     steps = {"matched": args.sb3_matched_steps, "default": args.sb3_steps}
     sb3 = {name: run_sb3(steps[name], args.seed, name == "matched") for name in steps}
-    print(f"\npendulum_sac, 6e4 env steps, {os.cpu_count()} CPU cores (final return: mean of the "
-          f"last 5 logged chunks = 1e4 steps; SB3: 10 eval episodes at the end of its run)")
+    print(f"\npendulum_sac, 6e4 env steps, {os.cpu_count()} CPU cores (training return: vibe-rl "
+          f"the last 5 logged chunks = 1e4 steps, SB3 its last 100 episodes; eval return: 10 "
+          f"mean-action episodes of the final policy, both sides)")
     for backend, r in results.items():
         print_row(f"vibe-rl {backend}", r)
     for name, r in sb3.items():

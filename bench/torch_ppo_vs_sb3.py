@@ -17,8 +17,10 @@ Runs, in this order, all in this process unless noted:
             (a subprocess), the same global batch split over 2 ranks.
 Steps/s are env steps over the training loop's wall time; "wall" includes set-up.
 "return" is the mean training-episode return at the end (vibe-rl: the last 5
-logged chunks = 50 updates; SB3: its last 100 episodes). The machine is shared
-and noisy: compare ratios from one invocation.
+logged chunks = 50 updates; SB3: its last 100 episodes); "eval" the mean of 10
+greedy episodes of the final policy (torch and sb3-1t; SB3's evaluate_policy
+protocol on both sides). The machine is shared and noisy: compare ratios from
+one invocation.
 
     python bench/torch_ppo_vs_sb3.py [--total-timesteps 500000] [--sb3-default-steps 20000]
                                      [--skip-ddp] [--json out.json]
@@ -40,9 +42,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import EVAL_EPISODES, evaluate_run, keep_sb3_logs_in_temp  # noqa: E402
 
 
-def run_torch(base_dir: str, name: str, total: int, seed: int) -> dict:
+def run_torch(base_dir: str, name: str, total: int, seed: int, evaluate: bool = True) -> dict:
     from common import presets
     from vibe_rl_torch import train as torch_train
 
@@ -57,10 +61,12 @@ def run_torch(base_dir: str, name: str, total: int, seed: int) -> dict:
     reached = next((h["time"] for h in result.history if h["train/episode_return"] >= 475), None)
     return {"steps": steps, "train_s": result.train_seconds, "wall_s": wall, "cpu_s": cpu,
             "sps": steps / result.train_seconds, "final_return": float(np.mean(returns[-5:])),
-            "time_to_475_s": reached}
+            "time_to_475_s": reached,
+            "eval_return": (evaluate_run(result.run_dir, cfg.env.id, seed) if evaluate
+                            else float("nan"))}
 
 
-def run_sb3(total: int, seed: int, threads: int | None) -> dict:
+def run_sb3(total: int, seed: int, threads: int | None, evaluate: bool = True) -> dict:
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.env_util import make_vec_env
@@ -80,14 +86,23 @@ def run_sb3(total: int, seed: int, threads: int | None) -> dict:
     model.learn(total_timesteps=total)
     end, cpu = time.perf_counter(), time.process_time() - cpu_start
     returns = [info["r"] for info in model.ep_info_buffer]
+    eval_return = float("nan")
+    if evaluate:
+        import gymnasium as gym
+        from stable_baselines3.common.evaluation import evaluate_policy
+        from stable_baselines3.common.monitor import Monitor
+
+        eval_return = float(evaluate_policy(model, Monitor(gym.make("CartPole-v1")),
+                                            n_eval_episodes=EVAL_EPISODES)[0])
     return {"steps": total, "train_s": end - learn_start, "wall_s": end - start, "cpu_s": cpu,
             "sps": total / (end - learn_start), "threads": torch.get_num_threads(),
-            "final_return": float(np.mean(returns)) if returns else float("nan")}
+            "final_return": float(np.mean(returns)) if returns else float("nan"),
+            "eval_return": eval_return}
 
 
 def ddp_worker(base_dir: str, total: int, seed: int, out: str) -> None:
     """Runs under torchrun; rank 0 writes the figures."""
-    figures = run_torch(base_dir, "ddp", total, seed)
+    figures = run_torch(base_dir, "ddp", total, seed, evaluate=False)
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump(figures, f)
@@ -111,7 +126,8 @@ def run_ddp(base_dir: str, total: int, seed: int) -> dict:
 
 def _row(name: str, r: dict) -> str:
     return (f"{name:<8} {r['sps']:>10,.0f} {r['train_s']:>9.1f} {r['wall_s']:>9.1f} "
-            f"{r.get('cpu_s', float('nan')):>9.1f} {r['final_return']:>8.1f}  {r.get('steps', 0):>9,}")
+            f"{r.get('cpu_s', float('nan')):>9.1f} {r['final_return']:>8.1f} "
+            f"{r.get('eval_return', float('nan')):>8.1f}  {r.get('steps', 0):>9,}")
 
 
 def main() -> None:
@@ -130,6 +146,7 @@ def main() -> None:
 
     init_logging()
     logging.getLogger("vibe_rl").setLevel(logging.WARNING)
+    keep_sb3_logs_in_temp()
     if args.ddp_worker:
         ddp_worker(args.base_dir, args.total_timesteps, args.seed, args.ddp_worker)
         return
@@ -142,23 +159,26 @@ def main() -> None:
         results["torch"] = run_torch(base, "one", args.total_timesteps, args.seed)
         results["sb3-1t"] = run_sb3(args.total_timesteps, args.seed, threads=1)
         if args.sb3_default_steps:
-            results["sb3"] = run_sb3(args.sb3_default_steps, args.seed, threads=default_threads)
+            results["sb3"] = run_sb3(args.sb3_default_steps, args.seed, threads=default_threads,
+                                     evaluate=False)
         if not args.skip_ddp:
             results["ddp"] = run_ddp(base, args.total_timesteps, args.seed)
 
     print(f"\nload average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores at the end (other "
           f"processes share the cores: compare the ratios, and the CPU seconds, which a busy "
           f"machine inflates less)")
-    print(f"\n{'run':<8} {'steps/s':>10} {'train s':>9} {'wall s':>9} {'cpu s':>9} {'return':>8}  "
-          f"{'env steps':>9}")
+    print(f"\n{'run':<8} {'steps/s':>10} {'train s':>9} {'wall s':>9} {'cpu s':>9} {'return':>8} "
+          f"{'eval':>8}  {'env steps':>9}")
     for name, r in results.items():
         print(_row(name, r))
     torch_sps = results["torch"]["sps"]
     torch_cpu = results["torch"]["cpu_s"] / results["torch"]["steps"]
     sb3_cpu = results["sb3-1t"]["cpu_s"] / results["sb3-1t"]["steps"]
     print(f"\nTorch backend / SB3 (1 thread, same budget): {torch_sps / results['sb3-1t']['sps']:.2f}x "
-          f"steps/s ({sb3_cpu / torch_cpu:.2f}x in CPU time per step); returns "
-          f"{results['torch']['final_return']:.1f} vs {results['sb3-1t']['final_return']:.1f}")
+          f"steps/s ({sb3_cpu / torch_cpu:.2f}x in CPU time per step); training returns "
+          f"{results['torch']['final_return']:.1f} vs {results['sb3-1t']['final_return']:.1f}, "
+          f"eval returns {results['torch']['eval_return']:.1f} vs "
+          f"{results['sb3-1t']['eval_return']:.1f}")
     if "sb3" in results:
         print(f"Torch backend / SB3 as shipped ({results['sb3']['threads']} threads): "
               f"{torch_sps / results['sb3']['sps']:.2f}x steps/s")
