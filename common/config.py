@@ -151,6 +151,8 @@ class DQNConfig:
     """Fraction of total_timesteps over which epsilon decays linearly."""
     double_dqn: bool = True
     """Select the next action with the online network, evaluate it with the target network."""
+    n_step: int = 1
+    """Rewards summed into each TD target (n-step returns; 1 = the one-step target)."""
     loss: Literal["huber", "mse"] = "mse"
     """TD loss: Huber (delta 1) or squared error."""
     max_grad_norm: float = 10.0
@@ -162,7 +164,7 @@ class DQNConfig:
 
     def __post_init__(self) -> None:
         _require_positive(self, "algo.", "lr", "buffer_size", "batch_size", "train_frequency",
-                          "gradient_steps", "target_update_interval", "max_grad_norm")
+                          "gradient_steps", "target_update_interval", "max_grad_norm", "n_step")
         _require_fraction(self, "algo.", "gamma", "tau", "eps_start", "eps_end",
                           "exploration_fraction")
         if self.tau == 0:
@@ -326,7 +328,7 @@ class TrainConfig:
     overwrite: bool = False
     """Delete an existing run directory and start fresh."""
     fsdp_devices: int = 1
-    """Size of the mesh's fsdp axis; 1 = plain data parallelism over all local devices."""
+    """Size of the JAX mesh's fsdp axis; 1 = plain data parallelism (the Torch backend: DDP, 1 only)."""
     wandb_enabled: bool = False
     """Also log to Weights & Biases (needs the wandb extra); the run id is kept for --resume."""
     progress_bar: bool = True

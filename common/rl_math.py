@@ -92,6 +92,57 @@ def td_target(reward: Any, terminated: Any, next_value: Any, gamma: float) -> An
     return reward + gamma * (1.0 - terminated) * next_value
 
 
+# n-step returns (DQN's --algo.n-step). Each env keeps the n - 1 transitions that started in its
+# last n - 1 steps and are still gathering rewards ("windows"). Every env step adds its reward
+# to every open window, starts a new window, and hands out the oldest one, now n steps old (or
+# closed earlier by the end of its episode): so one transition per env per step leaves, exactly
+# n - 1 steps after it began, whatever happened in between. A window closes at the first
+# terminated or truncated step; `next_obs` is then that step's true final observation, and
+# `terminated` says whether to bootstrap from it. The stored `discount` is gamma ** (rewards
+# summed), which replaces gamma in the TD target: r_t + ... + g^(m-1) r_(t+m-1) + g^m (1 - term) V.
+NSTEP_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "terminated", "open", "valid")
+
+
+def nstep_empty(zeros: Any, n_step: int, num_envs: int, obs_shape: tuple[int, ...]) -> dict:
+    """The n - 1 empty windows per env; `zeros(shape, kind)` makes arrays, kind float|int|bool."""
+    lead = (n_step - 1, num_envs)
+    return {"obs": zeros(lead + tuple(obs_shape), "float"), "action": zeros(lead, "int"),
+            "reward": zeros(lead, "float"), "discount": zeros(lead, "float"),
+            "next_obs": zeros(lead + tuple(obs_shape), "float"), "terminated": zeros(lead, "float"),
+            "open": zeros(lead, "bool"), "valid": zeros(lead, "bool")}
+
+
+def _expand(mask: Any, like: Any) -> Any:
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def nstep_push(xp: Any, windows: dict, *, obs: Any, action: Any, reward: Any, terminated: Any,
+               done: Any, next_obs: Any, gamma: float) -> tuple[dict, dict]:
+    """Fold one vector-env step into the windows: `(windows', the transition that leaves)`.
+
+    `xp` is numpy or jax.numpy (functional: nothing is updated in place). Per env: `obs` and
+    `action` of this step, its (scaled) `reward`, `terminated` (0./1.), `done` = terminated or
+    truncated, and `next_obs` = the true observation it reached. The transition that leaves
+    carries `valid` = False during the first n - 1 steps of a run (no window is that old yet):
+    do not store it.
+    """
+    is_open = windows["open"]
+    gathered = {
+        "obs": windows["obs"], "action": windows["action"],
+        "reward": windows["reward"] + xp.where(is_open, windows["discount"] * reward, 0.0),
+        "discount": xp.where(is_open, windows["discount"] * gamma, windows["discount"]),
+        "next_obs": xp.where(_expand(is_open, windows["next_obs"]), next_obs, windows["next_obs"]),
+        "terminated": xp.where(is_open, terminated, windows["terminated"]),
+        "open": is_open & ~done, "valid": windows["valid"]}
+    started = {"obs": obs, "action": action.astype(windows["action"].dtype),
+               "reward": reward.astype(windows["reward"].dtype),
+               "discount": xp.full(reward.shape, gamma, windows["discount"].dtype),
+               "next_obs": next_obs, "terminated": terminated.astype(windows["terminated"].dtype),
+               "open": ~done, "valid": xp.ones(done.shape, bool)}
+    stacked = {k: xp.concatenate([gathered[k], started[k][None]]) for k in NSTEP_FIELDS}
+    return ({k: v[1:] for k, v in stacked.items()}, {k: v[0] for k, v in stacked.items()})
+
+
 def huber(xp: Any, error: Any, delta: float = 1.0) -> Any:
     abs_error = xp.abs(error)
     quadratic = xp.clip(abs_error, 0.0, delta)  # (torch.minimum takes no Python float)

@@ -4,7 +4,8 @@ double-DQN gradient steps, all inside one jitted chunk (PureJaxRL's DQN layout).
 One update = `train_frequency` vector-env steps, then (once `learning_starts`
 env steps are in the buffer) `gradient_steps` gradient steps. The target
 network follows the online one every `target_update_interval` gradient steps
-(copy for tau=1, Polyak otherwise).
+(copy for tau=1, Polyak otherwise). With `n_step` > 1 the buffer holds n-step
+transitions (common.rl_math.nstep_push; the open windows ride in the runner).
 """
 
 from __future__ import annotations
@@ -37,10 +38,13 @@ class DQNRunner(NamedTuple):
     env_state: Any
     obs: jax.Array
     rng: jax.Array  # raw philox key data (offpolicy.wrap_key)
+    nstep: Any = None  # n-step windows (offpolicy.nstep_windows); None for one-step targets
 
 
-def double_dqn_target(reward, terminated, next_q_online, next_q_target, gamma: float, double: bool):
-    """TD target; with `double`, the online net picks a', the target net evaluates it."""
+def double_dqn_target(reward, terminated, next_q_online, next_q_target, gamma, double: bool):
+    """TD target; with `double`, the online net picks a', the target net evaluates it.
+
+    `gamma` is a float, or per transition (n-step: gamma ** rewards summed)."""
     if double:
         best = jnp.argmax(next_q_online, axis=-1)
         next_value = jnp.take_along_axis(next_q_target, best[..., None], axis=-1)[..., 0]
@@ -80,9 +84,11 @@ class DQN:
         params = self.network.init(k_params, obs[:1])
         train = DQNTrainState(params, params, self.tx.init(params), jnp.zeros((), jnp.int32),
                               jnp.zeros((), jnp.int32))
-        buffer = self.buffer.init(offpolicy.example_transition(self.venv.obs_shape,
-                                                               jnp.zeros((), jnp.int32)))
-        return DQNRunner(train, buffer, env_state, obs, offpolicy.new_key_data(key))
+        buffer = self.buffer.init(offpolicy.example_transition(
+            self.venv.obs_shape, jnp.zeros((), jnp.int32), self.algo.n_step))
+        windows = offpolicy.nstep_windows(self.algo.n_step, self.config.env.num_envs,
+                                          self.venv.obs_shape)
+        return DQNRunner(train, buffer, env_state, obs, offpolicy.new_key_data(key), windows)
 
     def shardings(self, abstract: DQNRunner) -> DQNRunner:
         train = jax.tree.map(lambda _: self._replicated, abstract.train)
@@ -93,7 +99,7 @@ class DQN:
         # The buffer is replicated: uniform sampling over it needs every transition everywhere.
         return DQNRunner(train, self._replicated,
                          self.venv.state_sharding(self._data, self._replicated), self._data,
-                         self._replicated)
+                         self._replicated, None if abstract.nstep is None else self._replicated)
 
     def inference_params(self, runner: DQNRunner) -> dict[str, Any]:
         out = {"model": runner.train.params["params"]}
@@ -110,9 +116,10 @@ class DQN:
         q_taken = jnp.take_along_axis(q, batch["action"][..., None], axis=-1)[..., 0]
         next_online = self.network.apply(params, batch["next_obs"])
         next_target = self.network.apply(target_params, batch["next_obs"])
+        # n-step transitions carry their own discount (gamma ** rewards summed).
         target = jax.lax.stop_gradient(double_dqn_target(
-            batch["reward"], batch["terminated"], next_online, next_target, self.algo.gamma,
-            self.algo.double_dqn))
+            batch["reward"], batch["terminated"], next_online, next_target,
+            batch.get("discount", self.algo.gamma), self.algo.double_dqn))
         error = q_taken - target
         loss = rl_math.huber(jnp, error) if self.algo.loss == "huber" else 0.5 * error**2
         return loss.mean(), q_taken.mean()
@@ -134,7 +141,8 @@ class DQN:
                                 buffer_state=runner.buffer,
                                 num_steps=algo.train_frequency,
                                 reward_scale=self.config.env.reward_scale,
-                                select_action=select_action)
+                                select_action=select_action, nstep=runner.nstep,
+                                gamma=algo.gamma)
         rng = col.rng
         env_steps = self._env_steps(train.update_step + 1)
 
@@ -173,7 +181,7 @@ class DQN:
                    "episode_length_sum": col.episode_length_sum,
                    "episode_count": col.episode_count}
         return (DQNRunner(train, col.buffer_state, col.env_state, col.obs,
-                          offpolicy.unwrap_key(rng)), metrics)
+                          offpolicy.unwrap_key(rng), col.nstep), metrics)
 
     def train_chunk(self, runner: DQNRunner, num_updates: jax.Array):
         return chunks.run_updates(self.update, runner, num_updates)

@@ -25,6 +25,8 @@ import flashbax
 import jax
 import jax.numpy as jnp
 
+from common import rl_math
+
 
 PRNG_IMPL = "philox4x32"
 
@@ -47,11 +49,29 @@ def make_buffer(capacity: int, batch_size: int):
                                      sample_batch_size=batch_size, add_batches=True)
 
 
-def example_transition(obs_shape: tuple[int, ...], action: jax.Array) -> dict[str, jax.Array]:
-    """One transition's structure (shapes/dtypes) to initialise the buffer."""
-    return {"obs": jnp.zeros(obs_shape, jnp.float32), "action": action,
-            "reward": jnp.zeros((), jnp.float32), "next_obs": jnp.zeros(obs_shape, jnp.float32),
-            "terminated": jnp.zeros((), jnp.float32)}
+def example_transition(obs_shape: tuple[int, ...], action: jax.Array,
+                       n_step: int = 1) -> dict[str, jax.Array]:
+    """One transition's structure (shapes/dtypes) to initialise the buffer.
+
+    n-step transitions also carry their `discount` (gamma ** rewards summed)."""
+    out = {"obs": jnp.zeros(obs_shape, jnp.float32), "action": action,
+           "reward": jnp.zeros((), jnp.float32), "next_obs": jnp.zeros(obs_shape, jnp.float32),
+           "terminated": jnp.zeros((), jnp.float32)}
+    if n_step > 1:
+        out["discount"] = jnp.zeros((), jnp.float32)
+    return out
+
+
+_KINDS = {"float": jnp.float32, "int": jnp.int32, "bool": jnp.bool_}
+NSTEP_STORED = ("obs", "action", "reward", "next_obs", "terminated", "discount")
+
+
+def nstep_windows(n_step: int, num_envs: int, obs_shape: tuple[int, ...]) -> dict | None:
+    """The empty n-step windows (common.rl_math.nstep_empty) or None for one-step targets."""
+    if n_step == 1:
+        return None
+    return rl_math.nstep_empty(lambda shape, kind: jnp.zeros(shape, _KINDS[kind]), n_step,
+                               num_envs, obs_shape)
 
 
 class CollectResult(NamedTuple):
@@ -62,30 +82,44 @@ class CollectResult(NamedTuple):
     episode_return_sum: jax.Array
     episode_length_sum: jax.Array
     episode_count: jax.Array
+    nstep: Any = None  # the n-step windows after collecting (None: one-step transitions)
 
 
 def collect(venv, buffer, *, env_state: Any, obs: jax.Array, rng: jax.Array, buffer_state: Any,
             num_steps: int, reward_scale: float,
-            select_action: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]
-            ) -> CollectResult:
-    """Step every env `num_steps` times; `select_action(key, obs) -> (stored, sent to env)`."""
+            select_action: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+            nstep: dict | None = None, gamma: float | None = None) -> CollectResult:
+    """Step every env `num_steps` times; `select_action(key, obs) -> (stored, sent to env)`.
+
+    With `nstep` windows (`nstep_windows`), each step stores the n-step transition that leaves
+    them (rl_math.nstep_push, discounting with `gamma`) instead of the step's own.
+    """
 
     def step(carry, _):
-        env_state, obs, rng, buffer_state = carry
+        env_state, obs, rng, buffer_state, windows = carry
         rng, k_act, k_env = jax.random.split(rng, 3)
         action, env_action = select_action(k_act, obs)
         out = venv.step(k_env, env_state, env_action)
-        buffer_state = buffer.add(buffer_state, {
-            "obs": obs, "action": action, "reward": out.reward * reward_scale,
-            "next_obs": out.final_obs, "terminated": out.terminated.astype(jnp.float32)})
         done = jnp.logical_or(out.terminated, out.truncated)
+        transition = {"obs": obs, "action": action, "reward": out.reward * reward_scale,
+                      "next_obs": out.final_obs, "terminated": out.terminated.astype(jnp.float32)}
+        if windows is None:
+            buffer_state = buffer.add(buffer_state, transition)
+        else:
+            windows, leaving = rl_math.nstep_push(jnp, windows, done=done, gamma=gamma,
+                                                  **transition)
+            stored = {k: leaving[k] for k in NSTEP_STORED}
+            # Only the first n - 1 steps of a run hand out no transition, in every env at once.
+            buffer_state = jax.lax.cond(leaving["valid"][0],
+                                        lambda b: buffer.add(b, stored), lambda b: b, buffer_state)
         stats = (out.episode_return.sum(), out.episode_length.sum().astype(jnp.float32),
                  done.sum().astype(jnp.float32))
-        return (out.state, out.obs, rng, buffer_state), stats
+        return (out.state, out.obs, rng, buffer_state, windows), stats
 
-    (env_state, obs, rng, buffer_state), (ret, length, count) = jax.lax.scan(
-        step, (env_state, obs, rng, buffer_state), None, num_steps)
-    return CollectResult(env_state, obs, rng, buffer_state, ret.sum(), length.sum(), count.sum())
+    (env_state, obs, rng, buffer_state, nstep), (ret, length, count) = jax.lax.scan(
+        step, (env_state, obs, rng, buffer_state, nstep), None, num_steps)
+    return CollectResult(env_state, obs, rng, buffer_state, ret.sum(), length.sum(), count.sum(),
+                         nstep)
 
 
 def learning_started(env_steps: jax.Array, learning_starts: int, batch_size: int) -> jax.Array:

@@ -130,11 +130,20 @@ def _tensor_device() -> torch.device:
 
 def all_reduce_sum(values: np.ndarray) -> np.ndarray:
     """Sum a float64 vector over all ranks."""
+    return _all_reduce(values, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(values: np.ndarray) -> np.ndarray:
+    """Elementwise maximum of a float64 vector over all ranks."""
+    return _all_reduce(values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(values: np.ndarray, op: Any) -> np.ndarray:
     values = np.asarray(values, np.float64)
     if not _active():
         return values
     tensor = torch.from_numpy(values.copy()).to(_tensor_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=op)
     return tensor.cpu().numpy()
 
 

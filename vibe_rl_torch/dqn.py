@@ -9,7 +9,8 @@ with double-DQN action selection; terminated transitions do not bootstrap,
 truncated ones bootstrap from the true final observation). The target network
 moves toward the online one every `target_update_interval` gradient steps
 (copy for tau = 1, Polyak otherwise). The learning rate schedule counts
-optimizer steps, like optax's.
+optimizer steps, like optax's. With `n_step` > 1 the buffer holds n-step
+transitions and their discount (common.rl_math.nstep_push, as on the JAX side).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from vibe_rl_torch.offpolicy import OffPolicyModule, mean_over_learning, update_
 
 
 def double_dqn_target(reward: torch.Tensor, terminated: torch.Tensor, next_q_online: torch.Tensor,
-                      next_q_target: torch.Tensor, gamma: float, double: bool) -> torch.Tensor:
+                      next_q_target: torch.Tensor, gamma: float | torch.Tensor,
+                      double: bool) -> torch.Tensor:
     """TD target; with `double`, the online net picks a', the target net evaluates it."""
     if double:
         best = next_q_online.argmax(dim=-1, keepdim=True)
@@ -100,8 +102,10 @@ class DQN(OffPolicyModule):
         with torch.no_grad():
             next_target = self.target_network(batch["next_obs"])
             next_online = self.q_network(batch["next_obs"]) if algo.double_dqn else next_target
+            # n-step transitions carry their own discount (gamma ** rewards summed).
             target = double_dqn_target(batch["reward"], batch["terminated"], next_online,
-                                       next_target, algo.gamma, algo.double_dqn)
+                                       next_target, batch.get("discount", algo.gamma),
+                                       algo.double_dqn)
         error = q_taken - target
         loss = rl_math.huber(torch, error) if algo.loss == "huber" else 0.5 * error * error
         return loss.mean(), q_taken.detach().mean()

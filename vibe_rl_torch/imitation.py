@@ -344,12 +344,13 @@ class _Bookkeeper(L.Callback):
     def _log(self, module: ImitationModule, step: int) -> None:
         now = time.perf_counter()
         seconds = max(now - self.last_time, 1e-9)
-        loss_sum, wait = distributed.all_reduce_sum(
-            [float(self.loss_sum), module.loader.pop_data_wait()]).tolist()
+        (loss_sum,) = distributed.all_reduce_sum([float(self.loss_sum)]).tolist()
+        # The slowest rank's wait: DDP's gradient all-reduce makes every rank wait for it.
+        (wait,) = distributed.all_reduce_max([module.loader.pop_data_wait()]).tolist()
         scalars = {self.loss_tag: loss_sum / self.updates,
                    metrics_lib.LEARNING_RATE: module.last_lr,
                    metrics_lib.SPS: self.updates * self.config.data.batch_size / seconds,
-                   metrics_lib.DATA_WAIT_FRAC: wait / self.info.world_size / seconds}
+                   metrics_lib.DATA_WAIT_FRAC: wait / seconds}
         self.loss_sum, self.updates = 0.0, 0
         self.writer.write(step, scalars)
         self.history.append({"step": step, "time": now - self.start_time, **scalars})

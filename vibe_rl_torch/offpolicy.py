@@ -26,14 +26,19 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 
+from common import rl_math
 from common.config import ConfigError, DQNConfig, SACConfig, TrainConfig
 from vibe_rl_torch import envs
 from vibe_rl_torch.distributed import DistInfo, LaunchError
 from vibe_rl_torch.envs import VecEnv
 from vibe_rl_torch.replay import ReplayBuffer
+
+_KINDS = {"float": np.float32, "int": np.int64, "bool": np.bool_}
+
 
 def check_config(config: TrainConfig, info: DistInfo) -> None:
     """Checks before anything starts: the action space fits the algorithm; the batch splits over ranks."""
@@ -100,10 +105,23 @@ class OffPolicyModule(L.LightningModule):
         self.update_step = 0  # updates completed
         self._restore_optim: dict[str, Any] | None = None
         self.seed_streams(rank_seed)
+        self.nstep_windows = self.empty_nstep_windows()  # numpy, saved with this rank's state
 
     def make_buffer(self, action_shape: tuple[int, ...], action_dtype: torch.dtype) -> ReplayBuffer:
         return ReplayBuffer(self.algo.buffer_size // self.world_size, (self.venv.obs_dim,),
-                            action_shape, action_dtype, self.rollout_device)
+                            action_shape, action_dtype, self.rollout_device,
+                            discount=self.n_step > 1)
+
+    @property
+    def n_step(self) -> int:
+        return getattr(self.algo, "n_step", 1)
+
+    def empty_nstep_windows(self) -> dict[str, np.ndarray] | None:
+        """This rank's empty n-step windows (common.rl_math.nstep_empty); None for one-step."""
+        if self.n_step == 1:
+            return None
+        return rl_math.nstep_empty(lambda shape, kind: np.zeros(shape, _KINDS[kind]), self.n_step,
+                                   self.venv.num_envs, (self.venv.obs_dim,))
 
     def seed_streams(self, rank_seed: int) -> None:
         """This rank's generators: exploration/policy noise and replay sampling."""
@@ -149,6 +167,15 @@ class OffPolicyModule(L.LightningModule):
         totals["num_updates"] = stop - start
         return totals
 
+    def load_nstep_windows(self, saved: dict[str, np.ndarray] | None) -> None:
+        expected = self.empty_nstep_windows()
+        if (saved is None) != (expected is None) or (
+                saved is not None and saved["reward"].shape != expected["reward"].shape):
+            raise ConfigError(
+                f"The checkpoint's n-step windows do not fit --algo.n-step {self.n_step}: resume "
+                f"with the --algo.n-step the run was trained with.")
+        self.nstep_windows = None if saved is None else {k: v.copy() for k, v in saved.items()}
+
     # ---------------------------------------------------------------- collect
     @torch.inference_mode()
     def collect(self, select_action: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
@@ -160,8 +187,16 @@ class OffPolicyModule(L.LightningModule):
             obs = venv.obs  # a fresh array every step: the buffer may keep it as it is
             action = select_action(torch.from_numpy(obs).to(device)).cpu().numpy()
             step = venv.step(action)
-            self.buffer.add(obs=obs, action=action, reward=step.reward * scale,
-                            next_obs=step.final_obs, terminated=step.terminated)
+            if self.nstep_windows is None:
+                self.buffer.add(obs=obs, action=action, reward=step.reward * scale,
+                                next_obs=step.final_obs, terminated=step.terminated)
+            else:
+                self.nstep_windows, leaving = rl_math.nstep_push(
+                    np, self.nstep_windows, obs=obs, action=action, reward=step.reward * scale,
+                    terminated=step.terminated.astype(np.float32), done=step.done,
+                    next_obs=step.final_obs, gamma=self.algo.gamma)
+                if leaving["valid"][0]:  # only the first n - 1 steps of a run hand out none
+                    self.buffer.add(**{k: leaving[k] for k in self.buffer.data})
             if step.done.any():
                 ret += float(step.episode_return.sum())
                 length += float(step.episode_length.sum())

@@ -10,7 +10,8 @@ buffer, one file set per DDP rank), which we would have to write anyway.
 Each transition stores obs, action, reward (already scaled), next_obs = the
 TRUE observation reached by the step (gymnasium's `final_obs` when the episode
 ended there, before the auto-reset) and `terminated` only: a truncated step
-bootstraps from next_obs like any other, as on the JAX side. Sampling is
+bootstraps from next_obs like any other, as on the JAX side. n-step
+transitions (DQN's --algo.n-step > 1) also store their `discount`. Sampling is
 uniform with replacement over the filled part and uses the generator it is
 given (the training generator, checkpointed), never the global RNG.
 
@@ -34,7 +35,7 @@ import torch.distributed as dist
 
 from common.config import ConfigError
 
-FIELDS = ("obs", "action", "reward", "next_obs", "terminated")
+FIELDS = ("obs", "action", "reward", "next_obs", "terminated")  # + "discount" for n-step
 CHUNK_BYTES = 16 * 2**20
 # A buffer larger than this is written synchronously, straight from the live tensors, like the
 # JAX backend's `background_max_bytes` (a background save would have to copy it first).
@@ -49,12 +50,15 @@ class ReplayBuffer:
     """Fixed-capacity FIFO of transitions; `add` takes a batch (one row per env)."""
 
     def __init__(self, capacity: int, obs_shape: tuple[int, ...], action_shape: tuple[int, ...],
-                 action_dtype: torch.dtype, device: torch.device | str = "cpu"):
+                 action_dtype: torch.dtype, device: torch.device | str = "cpu",
+                 discount: bool = False):
         self.capacity = int(capacity)
         self.device = torch.device(device)
         shapes = {"obs": (obs_shape, torch.float32), "action": (action_shape, action_dtype),
                   "reward": ((), torch.float32), "next_obs": (obs_shape, torch.float32),
                   "terminated": ((), torch.float32)}
+        if discount:
+            shapes["discount"] = ((), torch.float32)
         self.data = {name: torch.zeros((self.capacity, *shape), dtype=dtype, device=self.device)
                      for name, (shape, dtype) in shapes.items()}
         # On the CPU, numpy views of the same memory: `add` writes a step's few rows through
@@ -78,7 +82,7 @@ class ReplayBuffer:
         if n > self.capacity:
             raise ValueError(f"cannot add {n} transitions to a buffer of {self.capacity}")
         first = min(n, self.capacity - self.pos)
-        for name in FIELDS:
+        for name in self.data:
             if self._views is not None:
                 dst, src = self._views[name], np.asarray(batch[name])
             else:

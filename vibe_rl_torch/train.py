@@ -62,6 +62,12 @@ class TrainResult:
 def validate(config: TrainConfig) -> None:
     """Backend checks the config tree cannot do: the gymnasium id, the action space, the split
     over ranks."""
+    if config.fsdp_devices != 1:
+        # Not silently ignored: a user asking for sharding would otherwise get full replicas.
+        raise ConfigError(
+            f"--fsdp-devices {config.fsdp_devices}: the Torch backend trains data parallel only "
+            f"(DDP: every rank holds all the parameters). Use --fsdp-devices 1 with --backend "
+            f"torch, or --backend jax for the sharded (batch, fsdp) mesh.")
     if config.algo.kind == "flow":  # imitation from a dataset: its own loop
         from vibe_rl_torch import imitation
         return imitation.validate(config)
@@ -226,6 +232,7 @@ class _Bookkeeper(L.Callback):
         replay_files = {}
         if offpol:
             state["replay"] = module.buffer.cursor()
+            state["nstep"] = module.nstep_windows  # numpy arrays or None
             if not stream:
                 replay_files = replay.buffer_files(module.buffer, self.info.rank, stream=False)
         gathered = distributed.gather_to_primary((pickle.dumps(state), replay_files))
@@ -334,6 +341,8 @@ def _restore(module: PPO | OffPolicyModule, config: TrainConfig, info: DistInfo,
         _restore_replay(module, step_dir, rank_state, info)
     why = None
     if rank_state is not None and venv.load_state_dict(rank_state["env"]):
+        if offpol:  # the n-step windows in flight belong with the envs' state
+            module.load_nstep_windows(rank_state.get("nstep"))
         if module.restore_rng_state(rank_state["rng"]) is False:  # DQN/SAC, saved on GPU/CPU
             why = "generators saved on another device type, re-seeded"
         _set_global_rng_state(rank_state["global_rng"])

@@ -114,3 +114,82 @@ def test_temperature_loss_sign():
     loss_low_entropy = rl_math.sac_temperature_loss(log_alpha=log_alpha, log_prob=np.array([2.0]),
                                                     target_entropy=-1.0)
     assert loss_low_entropy == pytest.approx(-0.3 * 1.0)  # gradient -1: descent raises alpha
+
+
+# ------------------------------------------------------------------ n-step windows
+def _zeros(shape, kind):
+    return np.zeros(shape, {"float": np.float32, "int": np.int64, "bool": bool}[kind])
+
+
+def nstep_run(xp, n_step, gamma, steps, windows=None):
+    """Push `steps` (dicts of per-env arrays) through fresh windows; the transitions that leave."""
+    if windows is None:
+        windows = rl_math.nstep_empty(_zeros, n_step, 2, (1,))
+        windows = {k: xp.asarray(v) for k, v in windows.items()}
+    out = []
+    for step in steps:
+        windows, leaving = rl_math.nstep_push(xp, windows, gamma=gamma,
+                                              **{k: xp.asarray(v) for k, v in step.items()})
+        out.append({k: np.asarray(v) for k, v in leaving.items()})
+    return out
+
+
+def nstep_example():
+    """Two envs, six steps. Env 0: rewards 1..6, terminated at step 3 (then it starts over).
+    Env 1: reward 1 each step, truncated at step 1. obs of step t: 10t + env; true next
+    observation: 10t + 5 + env; action: t."""
+    terminated = {3: (1.0, 0.0)}
+    done = {1: (False, True), 3: (True, False)}
+    return [{"obs": np.array([[10.0 * t], [10.0 * t + 1]], np.float32),
+             "action": np.array([t, t]),
+             "reward": np.array([t + 1.0, 1.0], np.float32),
+             "terminated": np.array(terminated.get(t, (0.0, 0.0)), np.float32),
+             "done": np.array(done.get(t, (False, False))),
+             "next_obs": np.array([[10.0 * t + 5], [10.0 * t + 6]], np.float32)}
+            for t in range(6)]
+
+
+# (start step, env) -> (n-step reward, discount, next_obs, terminated), n = 3, gamma = 0.5,
+# worked out by hand from nstep_example's description.
+NSTEP_EXPECTED = {
+    (0, 0): (1 + 0.5 * 2 + 0.25 * 3, 0.125, 25.0, 0.0),   # three rewards, bootstrap
+    (0, 1): (1 + 0.5 * 1, 0.25, 16.0, 0.0),              # truncated at 1: bootstrap from 16
+    (1, 0): (2 + 0.5 * 3 + 0.25 * 4, 0.125, 35.0, 1.0),  # reaches the termination at 3
+    (1, 1): (1.0, 0.5, 16.0, 0.0),                       # starts on the truncating step
+    (2, 0): (3 + 0.5 * 4, 0.25, 35.0, 1.0),              # cut short by the termination at 3
+    (2, 1): (1 + 0.5 + 0.25, 0.125, 46.0, 0.0),          # the new episode: a full window
+    (3, 0): (4.0, 0.5, 35.0, 1.0),                       # the terminating step alone
+    (3, 1): (1 + 0.5 + 0.25, 0.125, 56.0, 0.0),
+}
+
+
+def test_nstep_returns_hand_computed_terminated_vs_truncated():
+    out = nstep_run(np, 3, 0.5, nstep_example())
+    assert [bool(o["valid"].any()) for o in out] == [False, False, True, True, True, True]
+    for t in range(2, 6):
+        start = t - 2  # a transition leaves exactly n - 1 steps after it began
+        for env in (0, 1):
+            reward, discount, next_obs, terminated = NSTEP_EXPECTED[(start, env)]
+            got = {k: v[env] for k, v in out[t].items()}
+            assert got["obs"][0] == 10 * start + env and got["action"] == start
+            assert got["reward"] == pytest.approx(reward)
+            assert got["discount"] == pytest.approx(discount)
+            assert got["next_obs"][0] == next_obs
+            assert got["terminated"] == terminated
+    # The TD target then uses the stored discount in place of gamma.
+    got = out[2]
+    np.testing.assert_allclose(
+        rl_math.td_target(got["reward"], got["terminated"], np.array([10.0, 10.0]),
+                          got["discount"]),
+        [2.75 + 0.125 * 10, 1.5 + 0.25 * 10])
+
+
+def test_one_step_windows_hand_out_each_step_at_once():
+    steps = nstep_example()
+    out = nstep_run(np, 1, 0.9, steps)
+    for step, got in zip(steps, out):
+        assert got["valid"].all()
+        np.testing.assert_array_equal(got["reward"], step["reward"])
+        np.testing.assert_array_equal(got["next_obs"], step["next_obs"])
+        np.testing.assert_array_equal(got["terminated"], step["terminated"])
+        np.testing.assert_allclose(got["discount"], [0.9, 0.9])

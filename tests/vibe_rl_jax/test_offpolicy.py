@@ -76,6 +76,8 @@ def small(name, updates, base, **changes):
 @pytest.mark.parametrize("name, extra", [
     ("cartpole_dqn", {"algo.learning_starts": 40, "algo.batch_size": 16, "algo.buffer_size": 500,
                       "algo.target_update_interval": 3}),
+    ("cartpole_dqn", {"algo.learning_starts": 40, "algo.batch_size": 16, "algo.buffer_size": 500,
+                      "algo.target_update_interval": 3, "algo.n_step": 3}),
     ("pendulum_sac", {"algo.learning_starts": 40, "algo.batch_size": 16, "algo.buffer_size": 500,
                       "algo.hidden_sizes": (32, 32)}),
 ])
@@ -131,3 +133,33 @@ def test_pendulum_sac_beats_minus_250(ckpt_base):
     result = jax_train.train(cfg)
     final = np.mean([h["train/episode_return"] for h in result.history[-5:]])  # last 1e4 steps
     assert final > -250, final
+
+
+def test_nstep_windows_in_jax_match_the_numpy_reference():
+    from tests.common.test_rl_math import nstep_example, nstep_run
+
+    steps = nstep_example()
+    for n_step in (1, 3):
+        ref = nstep_run(np, n_step, 0.5, steps)
+        got = nstep_run(jnp, n_step, 0.5, steps)
+        for r, g in zip(ref, got):
+            for key in r:
+                np.testing.assert_allclose(g[key], r[key], rtol=1e-6, err_msg=key)
+
+
+def test_dqn_nstep_buffer_holds_discounted_sums(ckpt_base):
+    """CartPole pays 1 per step, so an m-step transition stores 1 + g + ... + g^(m-1) with
+    discount g^m; windows shorter than n end their episode (terminated, or truncated at 500)."""
+    gamma = 0.9
+    cfg = small("cartpole_dqn", 60, ckpt_base, **{"algo.n_step": 3, "algo.gamma": gamma,
+                                                  "algo.learning_starts": 10_000})
+    result = jax_train.train(cfg)
+    exp = jax.tree.map(lambda x: np.asarray(x)[0], result.runner.buffer.experience)
+    filled = int(np.asarray(result.runner.buffer.current_index))  # 60 x 10 - 2 x 10 added
+    assert filled == (60 - 2) * 10
+    reward, discount = exp["reward"][:filled], exp["discount"][:filled]
+    m = np.rint(np.log(discount) / np.log(gamma)).astype(int)
+    assert set(m) <= {1, 2, 3} and (m == 3).mean() > 0.8
+    np.testing.assert_allclose(reward, (1 - gamma**m) / (1 - gamma), rtol=1e-6)
+    assert exp["terminated"][:filled][m < 3].all()  # no truncation within 60 steps
+    assert exp["terminated"][:filled].sum() > 0

@@ -318,6 +318,9 @@ OFFPOLICY = [
                       "algo.lr_schedule": "linear", "algo.hidden_sizes": (32, 32)}),
     ("pendulum_sac", {"algo.learning_starts": 40, "algo.batch_size": 16, "algo.buffer_size": 64,
                       "algo.gradient_steps": 2, "algo.hidden_sizes": (32, 32)}),
+    ("cartpole_dqn", {"algo.learning_starts": 40, "algo.batch_size": 16, "algo.buffer_size": 64,
+                      "algo.target_update_interval": 3, "algo.hidden_sizes": (32, 32),
+                      "algo.n_step": 3}),
 ]
 
 
@@ -336,7 +339,35 @@ def _module_state(result):
         out[f"sched{i}"] = torch.tensor(cfg.scheduler.state_dict()["last_epoch"])
     if hasattr(m, "grad_step"):
         out["grad_step"] = torch.tensor(m.grad_step)
+    if m.nstep_windows is not None:  # n-step transitions in flight
+        out.update({f"nstep/{k}": torch.from_numpy(v) for k, v in m.nstep_windows.items()})
     return out
+
+
+def test_dqn_nstep_buffer_holds_discounted_sums(ckpt_base):
+    """The JAX test of the same name, on this backend's buffer: CartPole pays 1 per step, so an
+    m-step transition stores 1 + g + ... + g^(m-1) with discount g^m."""
+    gamma = 0.9
+    result = torch_train.train(small("cartpole_dqn", 60, ckpt_base, **{
+        "algo.n_step": 3, "algo.gamma": gamma, "algo.learning_starts": 10_000}))
+    buffer = result.module.buffer
+    assert buffer.size == (60 - 2) * 10  # nothing leaves the windows in the first n - 1 steps
+    data = {k: v[:buffer.size].numpy() for k, v in buffer.data.items()}
+    m = np.rint(np.log(data["discount"]) / np.log(gamma)).astype(int)
+    assert set(m) <= {1, 2, 3} and (m == 3).mean() > 0.8
+    np.testing.assert_allclose(data["reward"], (1 - gamma**m) / (1 - gamma), rtol=1e-6)
+    assert data["terminated"][m < 3].all() and data["terminated"].sum() > 0
+
+
+def test_nstep_windows_must_fit_the_config_on_resume(ckpt_base):
+    module = module_for("cartpole_dqn", "CartPole-v1", **{"algo.n_step": 3})
+    saved = module.nstep_windows
+    module.load_nstep_windows(saved)  # fits
+    one_step = module_for("cartpole_dqn", "CartPole-v1")
+    with pytest.raises(ConfigError, match="--algo.n-step 1: resume with the --algo.n-step"):
+        one_step.load_nstep_windows(saved)
+    with pytest.raises(ConfigError, match="--algo.n-step 3"):
+        module.load_nstep_windows(None)
 
 
 def test_update_batches_end_at_every_log_and_save_point():

@@ -15,6 +15,7 @@ import torch
 
 from common import presets
 from common import run_dir as rd
+from common.config import ConfigError
 from tests.conftest import ROOT, run_script
 from vibe_rl_torch import checkpoints, distributed, networks
 from vibe_rl_torch import train as torch_train
@@ -196,6 +197,15 @@ def test_launch_environment_is_checked():
         distributed.check_config(distributed.DistInfo(16, 0, 0, 8), cfg16)
     distributed.check_config(distributed.DistInfo(8, 0, 0, 8), cfg16)  # 8 ranks: fine
 
+
+
+@pytest.mark.parametrize("name", ["cartpole_ppo", "cartpole_dqn", "two_goal_flow"])
+def test_fsdp_devices_is_refused_not_ignored(name):
+    """The Torch backend has no sharded mode: asking for one must not quietly train replicas."""
+    cfg = presets.replace(presets.get_preset(name), backend="torch", exp_name="x", fsdp_devices=2)
+    with pytest.raises(ConfigError, match=r"--fsdp-devices 2: the Torch backend trains data "
+                                          r"parallel only.*--backend jax"):
+        torch_train.validate(cfg)
 
 def test_cli_runs_and_errors_are_one_clear_line(ckpt_base):
     """scripts/train.py --backend torch: the progress line, and user errors as one line, exit 2.
