@@ -577,17 +577,20 @@ def _torchrun(script, args, nproc=2, timeout=300):
 
 
 @pytest.mark.slow
-def test_torchrun_two_process_dqn_own_buffers_and_exact_resume(ckpt_base, tmp_path):
+@pytest.mark.parametrize("n_step", [1, 3])
+def test_torchrun_two_process_dqn_own_buffers_and_exact_resume(n_step, ckpt_base, tmp_path):
     """2 ranks: each its own buffer (half the capacity, its own transitions), gradients averaged
     (rank 0 checks the ranks' parameter fingerprints at every save), buffers streamed to rank 0
-    at save and back to each rank at resume; the resumed run ends where the straight one does."""
+    at save and back to each rank at resume; the resumed run ends where the straight one does
+    (with n-step returns: each rank's open windows travel with its state)."""
     worker = tmp_path / "streaming_train.py"
     worker.write_text(_STREAMING_WORKER)
     args = ["cartpole_dqn", "--backend", "torch", "--exp-name", "ddp", "--checkpoint-base-dir",
             str(ckpt_base / "a"), "--env.num-envs", "4", "--total-timesteps", str(12 * 4),
             "--log-interval", "2", "--save-interval", "6", "--algo.learning-starts", "16",
             "--algo.batch-size", "8", "--algo.buffer-size", "40", "--algo.target-update-interval",
-            "2", "--algo.hidden-sizes", "16", "16", "--no-progress-bar"]
+            "2", "--algo.hidden-sizes", "16", "16", "--algo.n-step", str(n_step),
+            "--no-progress-bar"]
     out = _torchrun(worker, args)
     assert out.returncode == 0, out.stderr[-4000:]
     run = ckpt_base / "a" / "cartpole_dqn" / "ddp"
@@ -605,8 +608,9 @@ def test_torchrun_two_process_dqn_own_buffers_and_exact_resume(ckpt_base, tmp_pa
     straight, resumed = checkpoints.load_params(run / "12"), checkpoints.load_params(other)
     for key in straight:
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
+    fields = replay.FIELDS + (("discount",) if n_step > 1 else ())
     for r in (0, 1):
-        for field in replay.FIELDS:
+        for field in fields:
             rel = pathlib.Path("train_state") / f"replay_rank_{r}" / f"{field}.npy"
             assert (run / "12" / rel).read_bytes() == (other / rel).read_bytes(), rel
 
