@@ -37,7 +37,7 @@ class DQNRunner(NamedTuple):
     buffer: Any
     env_state: Any
     obs: jax.Array
-    rng: jax.Array  # raw philox key data (offpolicy.wrap_key)
+    rng: jax.Array  # raw training key data (offpolicy.wrap_key: philox on one device)
     nstep: Any = None  # n-step windows (offpolicy.nstep_windows); None for one-step targets
 
 
@@ -77,6 +77,7 @@ class DQN:
         self.buffer = offpolicy.make_buffer(self.algo.buffer_size, self.algo.batch_size)
         self._data = sharding.data_sharding(mesh)
         self._replicated = sharding.replicated(mesh)
+        self._prng_impl = offpolicy.prng_impl(mesh)
 
     def init(self, key: jax.Array) -> DQNRunner:
         key, k_params, k_env = jax.random.split(key, 3)
@@ -137,7 +138,7 @@ class DQN:
             return action, action
 
         col = offpolicy.collect(self.venv, self.buffer, env_state=runner.env_state, obs=runner.obs,
-                                rng=offpolicy.wrap_key(runner.rng),
+                                rng=offpolicy.wrap_key(runner.rng, self._prng_impl),
                                 buffer_state=runner.buffer,
                                 num_steps=algo.train_frequency,
                                 reward_scale=self.config.env.reward_scale,
@@ -173,7 +174,12 @@ class DQN:
             zero = jnp.zeros((), jnp.float32)
             return train, rng, {"td": zero, "q_values": zero, "learn_count": zero}
 
-        started = offpolicy.learning_started(env_steps, algo.learning_starts, algo.batch_size)
+        # n-step transitions enter the buffer n - 1 vector steps late: wait until it holds a batch
+        # (the Torch side checks its buffer's size the same way).
+        stored = env_steps - (algo.n_step - 1) * self.config.env.num_envs
+        started = jnp.logical_and(
+            offpolicy.learning_started(env_steps, algo.learning_starts, algo.batch_size),
+            stored >= algo.batch_size)
         train, rng, learn_metrics = jax.lax.cond(started, learn, skip, train, rng)
         train = train._replace(update_step=train.update_step + 1)
         metrics = {**learn_metrics, "epsilon": epsilon.astype(jnp.float32),

@@ -14,7 +14,10 @@ rolled `while` loop costing ~10-15 us per draw inside the chunk, while philox lo
 to straight-line code: ~290 -> ~225 us per update, measured A/B on 2 busy cores.
 SAC keeps threefry: its update is ~1 ms of matmuls and the same switch measured no
 difference. The runner stores the raw key data (uint32[2]), so checkpoints hold plain
-arrays and resume stays bit-exact.
+arrays and resume stays bit-exact. On a mesh of more than one device DQN falls back to
+threefry: XLA's SPMD partitioner cannot lower philox's `mulhi` inside the sharded, vmapped
+env resets ("Unable to convert MHLO to StableHLO", jax 0.10 on CPU). The key data has the
+same shape for both, so a checkpoint moves between device counts (as a different stream).
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from common import rl_math
 
 
 PRNG_IMPL = "philox4x32"
+SHARDED_PRNG_IMPL = "threefry2x32"
+
+
+def prng_impl(mesh: jax.sharding.Mesh) -> str:
+    """philox on one device; threefry where the envs are split over several (see above)."""
+    return PRNG_IMPL if mesh.size == 1 else SHARDED_PRNG_IMPL
 
 
 def new_key_data(key: jax.Array) -> jax.Array:
@@ -36,8 +45,8 @@ def new_key_data(key: jax.Array) -> jax.Array:
     return jax.random.bits(key, (2,), jnp.uint32)
 
 
-def wrap_key(data: jax.Array) -> jax.Array:
-    return jax.random.wrap_key_data(data, impl=PRNG_IMPL)
+def wrap_key(data: jax.Array, impl: str = PRNG_IMPL) -> jax.Array:
+    return jax.random.wrap_key_data(data, impl=impl)
 
 
 def unwrap_key(key: jax.Array) -> jax.Array:

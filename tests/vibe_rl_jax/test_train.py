@@ -197,12 +197,14 @@ def test_kill_mid_save_leaves_previous_step_restorable(ckpt_base):
     assert not [p for p in run.iterdir() if "tmp" in p.name]
 
 
-def _worker(tmp, devices, exp, updates, stop_at="-", resume=False):
+def _worker(tmp, devices, exp, updates, stop_at="-", resume=False, preset="cartpole_ppo",
+            changes=None):
     out = tmp / f"{exp}-{devices}-{stop_at}.npz"
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
            "JAX_PLATFORMS": "cpu"}
     proc = run_script(["tests/vibe_rl_jax/_mesh_worker.py", str(tmp / "ck"), exp, str(updates),
-                       str(stop_at), "1" if resume else "0", str(out)], env=env)
+                       str(stop_at), "1" if resume else "0", str(out), preset,
+                       json.dumps(changes or {})], env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = dict(np.load(out))
     assert int(data.pop("n_devices")) == devices
@@ -221,6 +223,24 @@ def test_four_devices_match_one_and_restore_across_device_counts(tmp_path):
     mixed = _worker(tmp_path, 1, "mixed", 4, resume=True)
     for key in one:
         np.testing.assert_allclose(mixed[key], one[key], rtol=2e-4, atol=2e-5, err_msg=key)
+
+
+# DQN draws from philox on one device and threefry on several (vibe_rl_jax/offpolicy.py), so its
+# 4-device run is compared with a 2-device one: the same stream, split differently.
+@pytest.mark.parametrize("preset, baseline_devices, changes", [
+    ("cartpole_dqn", 2, {"algo.learning_starts": 16, "algo.batch_size": 16,
+                         "algo.buffer_size": 200, "algo.target_update_interval": 2,
+                         "algo.n_step": 3}),
+    ("pendulum_sac", 1, {"algo.learning_starts": 16, "algo.batch_size": 16,
+                         "algo.buffer_size": 200, "algo.hidden_sizes": [32, 32]}),
+])
+def test_offpolicy_on_four_devices_matches_fewer(preset, baseline_devices, changes, tmp_path):
+    """DQN (n-step windows and all) and SAC: envs split over 4 devices, buffer replicated."""
+    base = _worker(tmp_path, baseline_devices, "base", 6, preset=preset, changes=changes)
+    four = _worker(tmp_path, 4, "four", 6, preset=preset, changes=changes)
+    assert base.keys() == four.keys()
+    for key in base:
+        np.testing.assert_allclose(four[key], base[key], rtol=2e-4, atol=2e-5, err_msg=key)
 
 
 @pytest.mark.slow
