@@ -74,6 +74,8 @@ def parser_with_common_flags(doc: str, sb3_steps: int, backends: bool = True):
     if backends:
         parser.add_argument("--backends", default="jax", help="comma-separated: jax,torch")
     parser.add_argument("--sb3-steps", type=int, default=sb3_steps)
+    parser.add_argument("--total-timesteps", type=int, default=None,
+                        help="budget of the vibe-rl runs (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sb3-threads", type=int, default=1,
                         help="torch threads for SB3 (1 is its fastest on a small shared CPU)")
@@ -92,6 +94,11 @@ def keep_sb3_logs_in_temp() -> None:
         folder = tempfile.mkdtemp(prefix="vibe-rl-bench-sb3-")
         os.environ["SB3_LOGDIR"] = folder
         atexit.register(shutil.rmtree, folder, True)
+
+
+def budget(args) -> dict:
+    """run_vibe's override of the preset's total_timesteps, if --total-timesteps was given."""
+    return {} if args.total_timesteps is None else {"total_timesteps": args.total_timesteps}
 
 
 def setup(args) -> None:

@@ -9,7 +9,7 @@ forward pass per gradient step less than the preset). By default SB3 runs the
 preset's whole budget (5e5 env steps, ~90 s); a short --sb3-steps window is
 mostly warm-up (5e4 steps: 20% without gradient steps) and flatters its speed.
 
-    python bench/dqn_vs_sb3.py [--backends jax,torch] [--sb3-steps 500000]
+    python bench/dqn_vs_sb3.py [--backends jax,torch] [--sb3-steps 500000] [--total-timesteps N]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
+from _common import budget, parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
 
 
 def _double_dqn():
@@ -73,9 +73,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as base:
         for backend in args.backends.split(","):
             results[backend] = run_vibe("cartpole_dqn", base, backend, args.seed, backend=backend,
-                                        threshold=475, last=10)
+                                        threshold=475, last=10, **budget(args))
     sb3 = run_sb3(args.sb3_steps, args.seed)
-    print(f"\ncartpole_dqn, 5e5 env steps, {os.cpu_count()} CPU cores (training return: vibe-rl "
+    steps = next(iter(results.values()))["steps"]
+    print(f"\ncartpole_dqn, {steps:,} env steps, {os.cpu_count()} CPU cores (training return: vibe-rl "
           f"the last 10 logged chunks, SB3 its last 100 episodes; eval return: 10 greedy episodes "
           f"of the final policy, both sides)")
     for backend, r in results.items():

@@ -19,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
+from _common import budget, parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
 
 
 def run_sb3(total_steps: int, seed: int):
@@ -38,12 +38,12 @@ def main() -> None:
     args = parser_with_common_flags(__doc__, 50_000, backends=False).parse_args()
     setup(args)
     with tempfile.TemporaryDirectory() as base:
-        full = run_vibe("cartpole_ppo", base, "full", args.seed, threshold=475)
+        full = run_vibe("cartpole_ppo", base, "full", args.seed, threshold=475, **budget(args))
         bare = run_vibe("cartpole_ppo", base, "bare", args.seed, log_interval=976,
-                        save_interval=976)
+                        save_interval=976, **budget(args))
     sb3 = run_sb3(args.sb3_steps, args.seed)
 
-    print(f"\ncartpole_ppo, 5e5 env steps, {os.cpu_count()} CPU cores "
+    print(f"\ncartpole_ppo, {full['steps']:,} env steps, {os.cpu_count()} CPU cores "
           "(threshold = return >= 475, time after compile; bare: return is the whole-run mean)")
     print_row("vibe-rl JAX (logs+ckpts)", full)
     print_row("vibe-rl JAX (bare, 1 chunk)", bare)

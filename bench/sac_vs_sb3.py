@@ -9,6 +9,7 @@ vibe-rl; a short window would be mostly warm-up and flatter SB3's speed); the sl
 "default" runs --sb3-steps env steps.
 
     python bench/sac_vs_sb3.py [--backends jax,torch] [--sb3-steps 10000] [--sb3-matched-steps 60000]
+                               [--total-timesteps N]
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
+from _common import budget, parser_with_common_flags, print_row, run_vibe, setup, time_sb3  # noqa: E402
 
 
 def run_sb3(total_steps: int, seed: int, matched: bool) -> dict:
@@ -46,10 +47,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as base:
         for backend in args.backends.split(","):
             results[backend] = run_vibe("pendulum_sac", base, backend, args.seed, backend=backend,
-                                        last=5)
+                                        last=5, **budget(args))
     steps = {"matched": args.sb3_matched_steps, "default": args.sb3_steps}
     sb3 = {name: run_sb3(steps[name], args.seed, name == "matched") for name in steps}
-    print(f"\npendulum_sac, 6e4 env steps, {os.cpu_count()} CPU cores (training return: vibe-rl "
+    budget_steps = next(iter(results.values()))["steps"]
+    print(f"\npendulum_sac, {budget_steps:,} env steps, {os.cpu_count()} CPU cores (training return: vibe-rl "
           f"the last 5 logged chunks = 1e4 steps, SB3 its last 100 episodes; eval return: 10 "
           f"mean-action episodes of the final policy, both sides)")
     for backend, r in results.items():
