@@ -577,34 +577,39 @@ def _torchrun(script, args, nproc=2, timeout=300):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("n_step", [1, 3])
-def test_torchrun_two_process_dqn_own_buffers_and_exact_resume(n_step, ckpt_base, tmp_path):
+@pytest.mark.parametrize("preset, extra, obs_dim, n_step", [
+    ("cartpole_dqn", ["--algo.target-update-interval", "2", "--algo.n-step", "1"], 4, 1),
+    ("cartpole_dqn", ["--algo.target-update-interval", "2", "--algo.n-step", "3"], 4, 3),
+    ("pendulum_sac", [], 3, 1),
+])
+def test_torchrun_two_process_offpolicy_own_buffers_and_exact_resume(preset, extra, obs_dim,
+                                                                     n_step, ckpt_base, tmp_path):
     """2 ranks: each its own buffer (half the capacity, its own transitions), gradients averaged
-    (rank 0 checks the ranks' parameter fingerprints at every save), buffers streamed to rank 0
-    at save and back to each rank at resume; the resumed run ends where the straight one does
-    (with n-step returns: each rank's open windows travel with its state)."""
+    (rank 0 checks the ranks' parameter fingerprints at every save; SAC's three optimizers each
+    all-reduce), buffers streamed to rank 0 at save and back to each rank at resume; the resumed
+    run ends where the straight one does (with n-step returns: each rank's open windows travel
+    with its state)."""
     worker = tmp_path / "streaming_train.py"
     worker.write_text(_STREAMING_WORKER)
-    args = ["cartpole_dqn", "--backend", "torch", "--exp-name", "ddp", "--checkpoint-base-dir",
+    args = [preset, "--backend", "torch", "--exp-name", "ddp", "--checkpoint-base-dir",
             str(ckpt_base / "a"), "--env.num-envs", "4", "--total-timesteps", str(12 * 4),
             "--log-interval", "2", "--save-interval", "6", "--algo.learning-starts", "16",
-            "--algo.batch-size", "8", "--algo.buffer-size", "40", "--algo.target-update-interval",
-            "2", "--algo.hidden-sizes", "16", "16", "--algo.n-step", str(n_step),
-            "--no-progress-bar"]
+            "--algo.batch-size", "8", "--algo.buffer-size", "40", "--algo.hidden-sizes", "16",
+            "16", *extra, "--no-progress-bar"]
     out = _torchrun(worker, args)
     assert out.returncode == 0, out.stderr[-4000:]
-    run = ckpt_base / "a" / "cartpole_dqn" / "ddp"
+    run = ckpt_base / "a" / preset / "ddp"
     assert rd.complete_steps(run) == [6, 12]
     ranks = [np.load(run / "12" / "train_state" / f"replay_rank_{r}" / "obs.npy") for r in (0, 1)]
-    assert ranks[0].shape == ranks[1].shape == (20, 4)  # 40 / 2 ranks
+    assert ranks[0].shape == ranks[1].shape == (20, obs_dim)  # 40 / 2 ranks
     assert not np.array_equal(ranks[0], ranks[1])  # each rank's own envs
     # Resume from update 6 with the default (bytes) save path: same params and buffers at 12.
     shutil.copytree(ckpt_base / "a", ckpt_base / "b")
-    shutil.rmtree(ckpt_base / "b" / "cartpole_dqn" / "ddp" / "12")
+    shutil.rmtree(ckpt_base / "b" / preset / "ddp" / "12")
     args_b = [a if a != str(ckpt_base / "a") else str(ckpt_base / "b") for a in args]
     out = _torchrun(ROOT / "scripts" / "train.py", args_b + ["--resume"])
     assert out.returncode == 0, out.stderr[-4000:]
-    other = ckpt_base / "b" / "cartpole_dqn" / "ddp" / "12"
+    other = ckpt_base / "b" / preset / "ddp" / "12"
     straight, resumed = checkpoints.load_params(run / "12"), checkpoints.load_params(other)
     for key in straight:
         np.testing.assert_array_equal(straight[key], resumed[key], err_msg=key)
