@@ -227,6 +227,7 @@ def test_four_devices_match_one_and_restore_across_device_counts(tmp_path):
 
 # DQN draws from philox on one device and threefry on several (vibe_rl_jax/offpolicy.py), so its
 # 4-device run is compared with a 2-device one: the same stream, split differently.
+@pytest.mark.slow  # four subprocess runs, ~65 s
 @pytest.mark.parametrize("preset, baseline_devices, changes", [
     ("cartpole_dqn", 2, {"algo.learning_starts": 16, "algo.batch_size": 16,
                          "algo.buffer_size": 200, "algo.target_update_interval": 2,
