@@ -762,7 +762,7 @@ class TorchBatchLoader:
         self.batches = 0
 
     def _dataloader(self):
-        import torch.utils.data  # lazily: common imports no framework at module level
+        import torch.utils.data  # lazily: only the Torch backend's loader (data extra) needs it
 
         return torch.utils.data.DataLoader(self._dataset, batch_size=None,
                                            sampler=_PositionSampler(self.order, self._position),

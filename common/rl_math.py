@@ -103,13 +103,15 @@ def td_target(reward: Any, terminated: Any, next_value: Any, gamma: float) -> An
 NSTEP_FIELDS = ("obs", "action", "reward", "discount", "next_obs", "terminated", "open", "valid")
 
 
-def nstep_empty(zeros: Any, n_step: int, num_envs: int, obs_shape: tuple[int, ...]) -> dict:
-    """The n - 1 empty windows per env; `zeros(shape, kind)` makes arrays, kind float|int|bool."""
+def nstep_empty(xp: Any, n_step: int, num_envs: int, obs_shape: tuple[int, ...],
+                action_dtype: Any) -> dict:
+    """The n - 1 empty windows per env (`xp` = numpy or jax.numpy; actions of `action_dtype`)."""
     lead = (n_step - 1, num_envs)
-    return {"obs": zeros(lead + tuple(obs_shape), "float"), "action": zeros(lead, "int"),
-            "reward": zeros(lead, "float"), "discount": zeros(lead, "float"),
-            "next_obs": zeros(lead + tuple(obs_shape), "float"), "terminated": zeros(lead, "float"),
-            "open": zeros(lead, "bool"), "valid": zeros(lead, "bool")}
+    floats = {k: xp.zeros(lead, xp.float32) for k in ("reward", "discount", "terminated")}
+    return {"obs": xp.zeros(lead + tuple(obs_shape), xp.float32),
+            "action": xp.zeros(lead, action_dtype),
+            "next_obs": xp.zeros(lead + tuple(obs_shape), xp.float32), **floats,
+            "open": xp.zeros(lead, bool), "valid": xp.zeros(lead, bool)}
 
 
 def _expand(mask: Any, like: Any) -> Any:

@@ -71,7 +71,6 @@ def example_transition(obs_shape: tuple[int, ...], action: jax.Array,
     return out
 
 
-_KINDS = {"float": jnp.float32, "int": jnp.int32, "bool": jnp.bool_}
 NSTEP_STORED = ("obs", "action", "reward", "next_obs", "terminated", "discount")
 
 
@@ -79,8 +78,7 @@ def nstep_windows(n_step: int, num_envs: int, obs_shape: tuple[int, ...]) -> dic
     """The empty n-step windows (common.rl_math.nstep_empty) or None for one-step targets."""
     if n_step == 1:
         return None
-    return rl_math.nstep_empty(lambda shape, kind: jnp.zeros(shape, _KINDS[kind]), n_step,
-                               num_envs, obs_shape)
+    return rl_math.nstep_empty(jnp, n_step, num_envs, obs_shape, jnp.int32)
 
 
 class CollectResult(NamedTuple):

@@ -37,8 +37,6 @@ from vibe_rl_torch.distributed import DistInfo, LaunchError
 from vibe_rl_torch.envs import VecEnv
 from vibe_rl_torch.replay import ReplayBuffer
 
-_KINDS = {"float": np.float32, "int": np.int64, "bool": np.bool_}
-
 
 def check_config(config: TrainConfig, info: DistInfo) -> None:
     """Checks before anything starts: the action space fits the algorithm; the batch splits over ranks."""
@@ -120,8 +118,8 @@ class OffPolicyModule(L.LightningModule):
         """This rank's empty n-step windows (common.rl_math.nstep_empty); None for one-step."""
         if self.n_step == 1:
             return None
-        return rl_math.nstep_empty(lambda shape, kind: np.zeros(shape, _KINDS[kind]), self.n_step,
-                                   self.venv.num_envs, (self.venv.obs_dim,))
+        return rl_math.nstep_empty(np, self.n_step, self.venv.num_envs, (self.venv.obs_dim,),
+                                   np.int64)
 
     def seed_streams(self, rank_seed: int) -> None:
         """This rank's generators: exploration/policy noise and replay sampling."""

@@ -117,14 +117,10 @@ def test_temperature_loss_sign():
 
 
 # ------------------------------------------------------------------ n-step windows
-def _zeros(shape, kind):
-    return np.zeros(shape, {"float": np.float32, "int": np.int64, "bool": bool}[kind])
-
-
 def nstep_run(xp, n_step, gamma, steps, windows=None):
     """Push `steps` (dicts of per-env arrays) through fresh windows; the transitions that leave."""
     if windows is None:
-        windows = rl_math.nstep_empty(_zeros, n_step, 2, (1,))
+        windows = rl_math.nstep_empty(np, n_step, 2, (1,), np.int64)
         windows = {k: xp.asarray(v) for k, v in windows.items()}
     out = []
     for step in steps:
