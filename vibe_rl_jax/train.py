@@ -60,6 +60,19 @@ def _chunk_metrics(algo, sums: dict[str, np.ndarray], num_updates: int, step: in
     return out
 
 
+def _compile(lowered: Any, options: dict[str, str]) -> Any:
+    """Compile with `options`; an XLA that no longer knows one is warned about, not fatal."""
+    if options:
+        try:
+            return lowered.compile(compiler_options=options)
+        except jax.errors.JaxRuntimeError as error:
+            if "option" not in str(error):
+                raise
+            logger.warning("XLA refused the compile options %s (%s); compiling without them "
+                           "(same results, possibly slower).", options, error)
+    return lowered.compile()
+
+
 def _warn_config_drift(saved: dict[str, Any], current: dict[str, Any]) -> None:
     ignore = {"resume", "overwrite", "progress_bar", "wandb_enabled"}
     diffs = [k for k in set(saved) | set(current)
@@ -119,7 +132,8 @@ def train(config: TrainConfig, *, stop_at: int | None = None) -> TrainResult:
                                       progress=config.progress_bar, active=is_primary)
     # Compile ahead of time: the compile cost is reported apart from training speed.
     compile_start = time.perf_counter()
-    chunk_fn = chunk_fn.lower(runner, jnp.asarray(1, jnp.int32)).compile()
+    chunk_fn = _compile(chunk_fn.lower(runner, jnp.asarray(1, jnp.int32)),
+                        algorithms.compiler_options(config, mesh))
     compile_seconds = time.perf_counter() - compile_start
     logger.info("Compiled the training chunk in %.1f s", compile_seconds)
 

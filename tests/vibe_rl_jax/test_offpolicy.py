@@ -107,6 +107,39 @@ def test_dqn_update_draws_from_philox_not_threefry(ckpt_base):
     assert "philox" in hlo and "threefry" not in hlo
 
 
+DQN_SMALL = {"algo.learning_starts": 40, "algo.batch_size": 16, "algo.buffer_size": 500,
+             "algo.target_update_interval": 3}
+
+
+def test_dqn_scheduler_option_is_applied_and_changes_no_parameter(ckpt_base, monkeypatch):
+    """DQN's chunk compiles with the memory-optimised XLA scheduler (algorithms.py: speed only);
+    the trained parameters must equal a default-scheduler compile bit for bit."""
+    from vibe_rl_jax import algorithms
+
+    seen = []
+    real_compile = jax_train._compile
+    monkeypatch.setattr(jax_train, "_compile",
+                        lambda lowered, options: seen.append(options) or real_compile(lowered, options))
+    tuned = jax_train.train(small("cartpole_dqn", 12, ckpt_base / "a", **DQN_SMALL))
+    assert seen == [{"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}]
+    monkeypatch.setattr(algorithms, "CPU_COMPILER_OPTIONS", {})
+    plain = jax_train.train(small("cartpole_dqn", 12, ckpt_base / "b", **DQN_SMALL))
+    assert seen[-1] == {}
+    for x, y in zip(jax.tree.leaves(jax.device_get(tuned.runner)),
+                    jax.tree.leaves(jax.device_get(plain.runner))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_unknown_compile_option_warns_and_trains_without_it(ckpt_base, monkeypatch, caplog):
+    from vibe_rl_jax import algorithms
+
+    monkeypatch.setattr(algorithms, "CPU_COMPILER_OPTIONS", {"dqn": {"xla_cpu_no_such_option": "1"}})
+    result = jax_train.train(small("cartpole_dqn", 2, ckpt_base, **DQN_SMALL))
+    assert result.final_step == 2
+    assert any("xla_cpu_no_such_option" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
 def test_offpolicy_checks_action_space(ckpt_base):
     from common.config import ConfigError
 
