@@ -328,7 +328,9 @@ class TrainConfig:
     overwrite: bool = False
     """Delete an existing run directory and start fresh."""
     fsdp_devices: int = 1
-    """Size of the JAX mesh's fsdp axis; 1 = plain data parallelism (the Torch backend: DDP, 1 only)."""
+    """Size of the mesh's fsdp axis (ranks each parameter is sharded over); 1 = plain data
+    parallelism. Torch backend: FSDP2 for imitation (flow) training under torchrun, dividing
+    WORLD_SIZE; RL algorithms there are DDP only (1)."""
     wandb_enabled: bool = False
     """Also log to Weights & Biases (needs the wandb extra); the run id is kept for --resume."""
     progress_bar: bool = True

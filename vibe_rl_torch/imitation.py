@@ -21,12 +21,24 @@ the step one process takes on the concatenated batch, up to float summation
 order, and the logged loss is the global batch's. Only rank 0 evaluates and
 writes logs and checkpoints.
 
+Sharding (`--fsdp-devices N` > 1, under torchrun): the model's parameters,
+gradients, optimizer state and EMA are sharded with FSDP2 (`fully_shard`,
+`vibe_rl_torch.runtime.fully_shard_model`) over groups of N ranks, replicated
+over the WORLD_SIZE / N groups (HSDP on a ("batch", "fsdp") mesh; plain FSDP
+when N = WORLD_SIZE). The data split and the loss shares are the ones above:
+FSDP2 averages gradients over all ranks as DDP does, so the step is the same.
+For evaluation and checkpoints the full weights, EMA and optimizer state are
+gathered to rank 0 (`torch.distributed.checkpoint.state_dict`, every rank
+taking part, offloaded to CPU): fine at this model size; a DCP sharded save
+would be the next step for models that do not fit one host.
+
 `trainer.pt` holds the raw weights, EMA weights, optimizer and scheduler
-state, step, the noise generator's state and the loader position (all equal
-on every rank), so `--resume` continues at the same sample and, on one
-process or at the same world size, gives the same weights as a straight run
-(on another world size it continues at the same sample, equal up to float
-summation order). No other randomness is drawn: initial weights come from
+state (full, unsharded: one format whatever the topology, so a run saved under
+FSDP resumes on one process or under DDP and back), step, the noise
+generator's state and the loader position (all equal on every rank), so
+`--resume` continues at the same sample and, on one process or at the same
+world size and topology, gives the same weights as a straight run (on another
+one it continues at the same sample, equal up to float summation order). No other randomness is drawn: initial weights come from
 `config.seed`, the shuffle is a pure function of (data seed, epoch, position),
 evaluation episodes have their own seeds. `params/model.safetensors` holds the
 canonical inference weights (the EMA ones when EMA is on) and `assets/`
@@ -41,11 +53,16 @@ import logging
 import queue
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import lightning as L
 import numpy as np
 import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.tensor import distribute_tensor
 
 from common import chunk_eval
 from common import config as config_lib
@@ -67,18 +84,20 @@ class ImitationResult:
     run_dir: Any
     final_step: int
     params: dict[str, np.ndarray]  # canonical inference params
-    module: flow.FlowPolicyNet  # the trained (raw, not EMA) model
+    module: flow.FlowPolicyNet  # the trained (raw, not EMA) model; FSDP-sharded under FSDP
     history: list[dict[str, float]]  # rank 0's logged scalars (empty on other ranks)
     train_seconds: float
-    ema: dict[str, torch.Tensor] | None = None
+    ema: dict[str, torch.Tensor] | None = None  # full EMA weights (under FSDP: rank 0's only)
     eval: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def validate(config: TrainConfig, info: DistInfo | None = None) -> None:
-    """The shared imitation checks, and the global batch must split evenly over the ranks."""
+    """The shared imitation checks; the global batch must split evenly over the ranks and
+    `--fsdp-devices` must divide WORLD_SIZE."""
     imitation_lib.validate(config)
     info = distributed.from_environment() if info is None else info
     per_rank_batch(config, info)
+    runtime.check_fsdp(info, config.fsdp_devices)
 
 
 def per_rank_batch(config: TrainConfig, info: DistInfo) -> int:
@@ -144,27 +163,51 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def inference_params(model: flow.FlowPolicyNet,
-                     ema: dict[str, torch.Tensor] | None) -> dict[str, np.ndarray]:
-    """Canonical weights for params/: the EMA weights when EMA is on."""
-    if ema is None:
-        return networks.canonical_params(model)
-    saved = {name: p.detach().clone() for name, p in model.named_parameters()}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(ema[name])
-        params = networks.canonical_params(model)
-        for name, param in model.named_parameters():
-            param.copy_(saved[name])
-    return params
+@dataclasses.dataclass
+class FullWeights:
+    """Full (unsharded) CPU state dicts of the raw model and its EMA (None without EMA).
+
+    Under FSDP they are gathered to rank 0 only: `held` is False on the other ranks."""
+    model: dict[str, torch.Tensor]
+    ema: dict[str, torch.Tensor] | None
+
+    @property
+    def held(self) -> bool:
+        return bool(self.model)
 
 
 def _inference_model(model: flow.FlowPolicyNet, config: TrainConfig,
-                     ema: dict[str, torch.Tensor] | None):
+                     weights: FullWeights) -> flow.FlowPolicyNet:
+    """A plain (unsharded) copy of `model` holding the inference weights: EMA when EMA is on."""
     copy = flow.make_model(config.algo, state_dim=model.state_dim, action_dim=model.action_dim,
                            horizon=config.data.action_horizon)
-    networks.load_canonical(copy, inference_params(model, ema))
+    copy.load_state_dict({**weights.model, **(weights.ema or {})})
     return copy.eval()
+
+
+def inference_params(model: flow.FlowPolicyNet, config: TrainConfig,
+                     weights: FullWeights) -> dict[str, np.ndarray]:
+    """Canonical weights for params/: the EMA weights when EMA is on ({} where not held)."""
+    if not weights.held:
+        return {}
+    return networks.canonical_params(_inference_model(model, config, weights))
+
+
+def _optimizer_by_index(state: dict[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimizer state dict (`get_optimizer_state_dict`) in `Optimizer.state_dict()`'s
+    layout: parameters numbered in param-group order, so every topology reads the same file."""
+    names = [name for group in state["param_groups"] for name in group["params"]]
+    index = {name: i for i, name in enumerate(names)}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[n] for n in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def _optimizer_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of `_optimizer_by_index` for a model whose parameters are `names` in order."""
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def shard_loss(model: flow.FlowPolicyNet, batch: dict[str, torch.Tensor],
@@ -197,13 +240,20 @@ class ImitationModule(L.LightningModule):
     step, and the batch comes from this rank's resumable loader rather than
     from Lightning's dataloader (which would prefetch past the position a
     checkpoint must record); `fit` iterates over the update indices.
+
+    With `config.fsdp_devices` > 1, `configure_model` (Lightning calls it on every
+    rank before the optimizer exists) shards the model with FSDP2 and the EMA
+    like it (DTensors with the parameters' placements, so its update stays
+    local). Weights and EMA are restored before that, in full, and then sharded.
     """
 
     def __init__(self, config: TrainConfig, model: flow.FlowPolicyNet, loader: Any,
-                 info: DistInfo):
+                 info: DistInfo, accelerator: str = "cpu"):
         super().__init__()
         self.automatic_optimization = False
         self.config, self.algo, self.info = config, config.algo, info
+        self.accelerator_kind = accelerator
+        self.sharded = False  # True once configure_model has applied fully_shard
         self.model = model
         self.loader = loader
         self.ema = ({n: p.detach().clone() for n, p in model.named_parameters()}
@@ -213,9 +263,48 @@ class ImitationModule(L.LightningModule):
         self.last_lr = float("nan")  # the learning rate of the last step
         self._restore: dict[str, Any] | None = None
 
+    # ---------------------------------------------------------------- sharding
+    def configure_model(self) -> None:
+        """FSDP2 over the ("batch", "fsdp") mesh when --fsdp-devices > 1 (a collective)."""
+        if self.config.fsdp_devices == 1 or self.sharded:
+            return
+        # FlowPolicyNet.forward returns a reshape (a view); FSDP2 warns that an in-place op on it
+        # would skip its backward hook. flow.loss_fn only reads it out of place (and the tests
+        # check the sharded gradients against one process's), so the warning is noise here.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor",
+                                category=UserWarning)
+        mesh = runtime.fsdp_mesh(self.info, self.accelerator_kind, self.config.fsdp_devices)
+        runtime.fully_shard_model(self.model, mesh)
+        self.sharded = True
+        params = list(self.model.parameters())
+        held = distributed.gather_to_primary(sum(p.to_local().numel() for p in params))
+        if self.info.is_primary:
+            logger.info("FSDP2 shards: rank entries %s of %d (mesh %s)", held,
+                        sum(p.numel() for p in params), mesh)
+        if self.ema is not None:
+            self.ema = {name: distribute_tensor(self.ema[name].to(param.device),
+                                                param.device_mesh, param.placements)
+                        for name, param in self.model.named_parameters()}
+
+    def full_weights(self) -> FullWeights:
+        """The full raw and EMA weights on CPU. Under FSDP a collective that every rank must
+        call; the result is held by rank 0 only (`FullWeights.held`)."""
+        if not self.sharded:
+            return FullWeights(
+                {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()})
+        model = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        ema = None
+        if self.ema is not None:  # one tensor at a time, so at most one is whole on the device
+            ema = {name: value.full_tensor().cpu() for name, value in self.ema.items()}
+            ema = ema if self.info.is_primary else {}
+        return FullWeights(model, ema)
+
     # ---------------------------------------------------------------- optimizer / schedule
     def configure_optimizers(self):
         algo = self.algo
+        # fused AdamW also steps FSDP2's DTensor parameters (checked on CPU and in the tests).
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=algo.lr, betas=(0.9, 0.999),
                                       eps=1e-8, weight_decay=algo.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -226,7 +315,7 @@ class ImitationModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Move the EMA and noise generator to the module's device; apply a pending restore."""
         saved = self._restore or {}
-        if self.ema is not None:
+        if self.ema is not None and not self.sharded:
             self.ema = {name: value.to(self.device) for name, value in self.ema.items()}
         if self.noise_gen.device != self.device:
             self.noise_gen = torch.Generator(device=self.device).manual_seed(self.config.seed + 1)
@@ -240,7 +329,13 @@ class ImitationModule(L.LightningModule):
                     logger.warning("Resumed on %s a run saved on %s: the flow-noise generator is "
                                    "re-seeded, so the run is not a bit-exact continuation.",
                                    self.noise_gen.device.type, saved["noise_generator_device"])
-        if "optimizer" in saved:
+        if "optimizer" in saved and self.sharded:  # the full state, sharded like the params
+            names = [name for name, _ in self.model.named_parameters()]
+            set_optimizer_state_dict(self.model, self.trainer.optimizers[0],
+                                     _optimizer_by_name(saved["optimizer"], names),
+                                     options=StateDictOptions(full_state_dict=True))
+            self.trainer.lr_scheduler_configs[0].scheduler.load_state_dict(saved["scheduler"])
+        elif "optimizer" in saved:
             self.trainer.optimizers[0].load_state_dict(saved["optimizer"])
             self.trainer.lr_scheduler_configs[0].scheduler.load_state_dict(saved["scheduler"])
         self._restore = None
@@ -272,12 +367,22 @@ class ImitationModule(L.LightningModule):
                 self.ema[name].mul_(decay).add_(param.detach(), alpha=1.0 - decay)
 
     # ---------------------------------------------------------------- state
-    def trainer_state(self) -> dict[str, Any]:
-        """Everything resume needs (train_state/trainer.pt): equal on every rank."""
+    def trainer_state(self, weights: FullWeights) -> dict[str, Any]:
+        """Everything resume needs (train_state/trainer.pt): equal on every rank, full (unsharded)
+        whatever the topology. Under FSDP a collective (the optimizer state is gathered to
+        rank 0, whose result alone is complete)."""
+        optimizer = self.trainer.optimizers[0]
+        if self.sharded:
+            full = get_optimizer_state_dict(
+                self.model, optimizer,
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            optimizer_state = _optimizer_by_index(full) if full else {}
+        else:
+            optimizer_state = optimizer.state_dict()
         return {"update_step": self.update_step, "world_size": self.info.world_size,
-                "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
-                "ema": None if self.ema is None else {k: v.cpu() for k, v in self.ema.items()},
-                "optimizer": self.trainer.optimizers[0].state_dict(),
+                "fsdp_devices": self.config.fsdp_devices if self.sharded else 1,
+                "model": weights.model, "ema": weights.ema,
+                "optimizer": optimizer_state,
                 "scheduler": self.trainer.lr_scheduler_configs[0].scheduler.state_dict(),
                 "noise_generator": self.noise_gen.get_state(),
                 "noise_generator_device": self.noise_gen.device.type,
@@ -332,11 +437,15 @@ class _Bookkeeper(L.Callback):
         step, config, algo = module.update_step, self.config, self.config.algo
         if step % config.log_interval == 0 or step == self.end:
             self._log(module, step)
-        if algo.eval_episodes and algo.eval_interval and step % algo.eval_interval == 0 \
-                and step < config.num_updates and self.info.is_primary:
-            self.evaluate(step)
-        if step % config.save_interval == 0 or step == self.end:
-            self.save(module, step)
+        eval_due = bool(algo.eval_episodes and algo.eval_interval
+                        and step % algo.eval_interval == 0 and step < config.num_updates)
+        save_due = step % config.save_interval == 0 or step == self.end
+        # Gathering the full weights is a collective under FSDP: every rank, then rank 0 uses them.
+        weights = module.full_weights() if eval_due or save_due else None
+        if eval_due and self.info.is_primary:
+            self.evaluate(step, weights)
+        if save_due:
+            self.save(module, step, weights)
         if step % config.log_interval == 0:
             self.last_time = time.perf_counter()
             module.loader.pop_data_wait()
@@ -358,12 +467,17 @@ class _Bookkeeper(L.Callback):
                              scalars[self.loss_tag], step_name="step", rate_unit="samples/s",
                              value_name="loss")
 
-    def save(self, module: ImitationModule, step: int) -> None:
-        runtime.check_in_sync(module.model, self.info, step)
+    def save(self, module: ImitationModule, step: int, weights: FullWeights) -> None:
+        """Every rank calls this (the optimizer-state gather is a collective under FSDP); rank 0
+        writes. Sharded parameters differ across ranks by design, so the DDP in-sync check
+        (equal fingerprints) applies to unsharded runs only."""
+        if not module.sharded:
+            runtime.check_in_sync(module.model, self.info, step)
+        trainer_state = module.trainer_state(weights)
         if self.saver is None:
             return
-        files = checkpoints.step_files(params=inference_params(module.model, module.ema),
-                                       trainer_state=module.trainer_state(), rank_states=[],
+        params = inference_params(module.model, self.config, weights)
+        files = checkpoints.step_files(params=params, trainer_state=trainer_state, rank_states=[],
                                        config=config_lib.to_dict(self.config))
         self.saver.save(step, {**files, **self.save_files})
 
@@ -387,6 +501,7 @@ def _read_checkpoint(run_dir, info: DistInfo) -> tuple[Any, dict[str, Any]]:
 def train(config: TrainConfig, *, stop_at: int | None = None) -> ImitationResult:
     """Train `config` (algo kind flow) on the Torch backend; `stop_at` interrupts after that step."""
     imitation_lib.validate(config)
+    runtime.check_fsdp(distributed.from_environment(), config.fsdp_devices)
     with runtime.session() as (info, accelerator):
         return _train(config, info, accelerator, stop_at)
 
@@ -410,12 +525,15 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str,
     resuming = runtime.prepare_run_dir(config, info)
     if info.is_primary:
         logger.info("Run directory %s | %d process(es) on %d node(s), %s, global batch %d "
-                    "(%d per process)", run_dir.absolute(), info.world_size, info.num_nodes,
-                    accelerator, data.batch_size, batch)
+                    "(%d per process)%s", run_dir.absolute(), info.world_size, info.num_nodes,
+                    accelerator, data.batch_size, batch,
+                    f", FSDP2: parameters sharded over {config.fsdp_devices} ranks x "
+                    f"{info.world_size // config.fsdp_devices} replica group(s)"
+                    if config.fsdp_devices > 1 else "")
     model = flow.make_model(algo, state_dim=state_dim, action_dim=action_dim,
                             horizon=data.action_horizon,
                             generator=torch.Generator().manual_seed(config.seed))
-    module = ImitationModule(config, model, loader, info)
+    module = ImitationModule(config, model, loader, info, accelerator)
     if resuming:
         step_dir, state = _read_checkpoint(run_dir, info)
         module.load_trainer_state(state, step_dir)
@@ -435,8 +553,9 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str,
         save_files[f"{run_dir_lib.ASSETS_DIR}/{run_dir_lib.NORM_STATS_FILE}"] = json.dumps(
             imitation_lib.stats_payload(stats), indent=2).encode()
 
-    def evaluate(at: int) -> dict[str, float]:
-        chunk_fn = flow.make_chunk_fn(_inference_model(model, config, module.ema),
+    def evaluate(at: int, weights: FullWeights) -> dict[str, float]:
+        """Rank 0's rollouts of the gathered weights (`ImitationModule.full_weights`)."""
+        chunk_fn = flow.make_chunk_fn(_inference_model(model, config, weights),
                                       num_steps=algo.num_integration_steps, seed=config.seed,
                                       input_transform=group.input_fn(),
                                       output_transform=group.output_fn())
@@ -455,7 +574,7 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str,
     total = config.num_updates
     end = total if stop_at is None else min(stop_at, total)
     bookkeeper = _Bookkeeper(config, info, end, writer, saver, save_files, evaluate)
-    trainer = runtime.make_trainer(info, accelerator, [bookkeeper])
+    trainer = runtime.make_trainer(info, accelerator, [bookkeeper], config.fsdp_devices)
     if data.prefetch > 0 and data.num_workers == 0:
         module.loader = Prefetcher(loader, data.prefetch)
     train_seconds = 0.0
@@ -465,8 +584,9 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str,
             model.train()
             trainer.fit(module, train_dataloaders=range(module.update_step, end))
             train_seconds = time.perf_counter() - bookkeeper.start_time
+        weights = module.full_weights()  # every rank (a collective under FSDP)
         if algo.eval_episodes and module.update_step == total and info.is_primary:
-            final_eval = evaluate(module.update_step)
+            final_eval = evaluate(module.update_step, weights)
         if saver is not None:
             saver.wait()
     finally:
@@ -477,5 +597,5 @@ def _train(config: TrainConfig, info: DistInfo, accelerator: str,
         writer.close()
     if info.is_primary:
         logger.info("Done: %d steps. Checkpoints in %s", module.update_step, run_dir.absolute())
-    return ImitationResult(run_dir, module.update_step, inference_params(model, module.ema), model,
-                           bookkeeper.history, train_seconds, module.ema, final_eval)
+    return ImitationResult(run_dir, module.update_step, inference_params(model, config, weights),
+                           model, bookkeeper.history, train_seconds, weights.ema, final_eval)

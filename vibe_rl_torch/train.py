@@ -62,15 +62,16 @@ class TrainResult:
 def validate(config: TrainConfig) -> None:
     """Backend checks the config tree cannot do: the gymnasium id, the action space, the split
     over ranks."""
+    if config.algo.kind == "flow":  # imitation from a dataset: its own loop (FSDP2 allowed)
+        from vibe_rl_torch import imitation
+        return imitation.validate(config)
     if config.fsdp_devices != 1:
         # Not silently ignored: a user asking for sharding would otherwise get full replicas.
         raise ConfigError(
             f"--fsdp-devices {config.fsdp_devices}: the Torch backend trains data parallel only "
-            f"(DDP: every rank holds all the parameters). Use --fsdp-devices 1 with --backend "
-            f"torch, or --backend jax for the sharded (batch, fsdp) mesh.")
-    if config.algo.kind == "flow":  # imitation from a dataset: its own loop
-        from vibe_rl_torch import imitation
-        return imitation.validate(config)
+            f"for {config.algo.kind} (DDP: every rank holds all the parameters); parameter "
+            f"sharding (FSDP2) is for imitation training (algo kind flow). Use --fsdp-devices 1 "
+            f"with --backend torch, or --backend jax for the sharded (batch, fsdp) mesh.")
     envs.check_env_id(config.env.id)
     info = distributed.from_environment()
     distributed.check_config(info, config)

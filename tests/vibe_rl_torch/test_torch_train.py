@@ -199,9 +199,10 @@ def test_launch_environment_is_checked():
 
 
 
-@pytest.mark.parametrize("name", ["cartpole_ppo", "cartpole_dqn", "two_goal_flow"])
+@pytest.mark.parametrize("name", ["cartpole_ppo", "cartpole_dqn"])
 def test_fsdp_devices_is_refused_not_ignored(name):
-    """The Torch backend has no sharded mode: asking for one must not quietly train replicas."""
+    """RL algorithms on the Torch backend have no sharded mode: asking for one must not quietly
+    train replicas. (Imitation shards with FSDP2: tests/vibe_rl_torch/test_torch_fsdp.py.)"""
     cfg = presets.replace(presets.get_preset(name), backend="torch", exp_name="x", fsdp_devices=2)
     with pytest.raises(ConfigError, match=r"--fsdp-devices 2: the Torch backend trains data "
                                           r"parallel only.*--backend jax"):
