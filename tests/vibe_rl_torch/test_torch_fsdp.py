@@ -15,7 +15,7 @@ from common import presets  # noqa: E402
 from common import run_dir as rd  # noqa: E402
 from common.config import ConfigError  # noqa: E402
 from tests.vibe_rl_torch.test_torch_imitation_ddp import (  # noqa: E402,F401 (demos: fixture)
-    _scalars, _torchrun, demos)
+    _scalars, _torchrun, cli_flags, demos)
 from vibe_rl_torch import checkpoints, imitation, runtime  # noqa: E402
 from vibe_rl_torch import train as torch_train  # noqa: E402
 from vibe_rl_torch.distributed import DistInfo, LaunchError  # noqa: E402
@@ -95,10 +95,7 @@ def _flags(demos, base, *extra):
              str(base), "--data.root", str(root), "--data.norm-stats-path", str(stats),
              "--algo.num-steps", str(STEPS), "--log-interval", "1", "--save-interval", str(SAVE),
              "--max-to-keep", "5", "--no-progress-bar", "--fsdp-devices", "2", *extra]
-    for key, value in SMALL.items():
-        flags += [f"--{key.replace('_', '-')}",
-                  *(map(str, value) if isinstance(value, tuple) else [str(value)])]
-    return flags
+    return flags + cli_flags(SMALL)
 
 
 def _config(demos, base, **changes):

@@ -112,16 +112,22 @@ SMALL = {"algo.hidden_sizes": (32, 32), "algo.encoder_sizes": (16,), "algo.warmu
          "algo.eval_episodes": 2, "algo.ema_decay": 0.9, "data.batch_size": 16}
 
 
+def cli_flags(changes: dict) -> list[str]:
+    """`presets.replace`-style dotted changes as train.py flags (tuples: one value per item)."""
+    flags: list[str] = []
+    for key, value in changes.items():
+        flags += [f"--{key.replace('_', '-')}",
+                  *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    return flags
+
+
 def _flags(demos, base):
     root, stats = demos
     flags = ["two_goal_flow", "--backend", "torch", "--exp-name", "ddp", "--checkpoint-base-dir",
              str(base), "--data.root", str(root), "--data.norm-stats-path", str(stats),
              "--algo.num-steps", str(STEPS), "--log-interval", "1", "--save-interval", "2",
              "--max-to-keep", "5", "--no-progress-bar"]
-    for key, value in SMALL.items():
-        flags += [f"--{key.replace('_', '-')}",
-                  *(map(str, value) if isinstance(value, tuple) else [str(value)])]
-    return flags
+    return flags + cli_flags(SMALL)
 
 
 def _config(demos, base, **changes):
